@@ -1,0 +1,1 @@
+"""Ratio benchmarks; `make bench` runs them all and writes benchmarks/results/*.json."""

@@ -1,0 +1,1 @@
+"""jaxlm: language models and mixtures of experts in JAX/Flax NNX."""

@@ -1,0 +1,137 @@
+"""`jaxlm train|eval|generate|inspect`: parse, load the experiment, call into the library.
+
+Bad input (an unknown key, a bad value, a mesh that does not fit, a missing file) is printed
+as one line `jaxlm: error: ...` with exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from jaxlm.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):  # one line, exit 2 (argparse prints usage as well by default)
+    raise ConfigError(f"{self.prog}: {message}")
+
+
+def _add_multihost(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("several hosts (GPU clusters; TPU pods are detected automatically)")
+  g.add_argument("--coordinator-address", help="HOST:PORT of process 0 (env JAXLM_COORDINATOR_ADDRESS)")
+  g.add_argument("--num-processes", type=int, help="number of processes (env JAXLM_NUM_PROCESSES)")
+  g.add_argument("--process-id", type=int, help="this process's index (env JAXLM_PROCESS_ID)")
+
+
+def parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="jaxlm", description="Train, evaluate, sample and inspect jaxlm language models.")
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  t = sub.add_parser("train", help="train an experiment (resumes from the run directory's latest checkpoint)")
+  t.add_argument("experiment", help="experiment file (path.py[:variant]) or registered name, e.g. quickstart")
+  t.add_argument("--run-dir", help="run directory (default: runs/<experiment name>)")
+  t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. model.n_layers=2")
+  _add_multihost(t)
+
+  e = sub.add_parser("eval", help="evaluate a run's latest checkpoint on the validation splits")
+  e.add_argument("run_dir")
+  e.add_argument("--batches", type=int, default=None, help="batches per source (default: train.eval_batches)")
+
+  g = sub.add_parser("generate", help="sample continuations of prompts from a trained run")
+  g.add_argument("run_dir")
+  g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several, decoded in one batch)")
+  g.add_argument("--max-new-tokens", type=int, default=128)
+  g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  g.add_argument("--top-k", type=int, default=0)
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+  i = sub.add_parser("inspect", help="parameters, FLOPs, memory per device and sharding of an experiment")
+  i.add_argument("experiment")
+  i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  i.add_argument("--devices", type=int, default=None, help="lay out on this many devices (default: mesh.devices, else those present)")
+  i.add_argument("--json", action="store_true", help="print the report as JSON")
+  return p
+
+
+def _train(args) -> int:
+  from jaxlm import distributed, experiments
+
+  exp = experiments.load(args.experiment, args.overrides)
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  from jaxlm.train.loop import train
+
+  run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / exp.name
+  train(exp, run_dir)
+  return 0
+
+
+def _eval(args) -> int:
+  from jaxlm.train import loop
+  from jaxlm.train.checkpoint import Checkpointer
+  from jaxlm.train.run import CHECKPOINTS, load_config, tokenizer_for
+
+  run_dir = Path(args.run_dir)
+  exp = load_config(run_dir)
+  ckpt = Checkpointer(run_dir / CHECKPOINTS, exp.checkpoint, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ConfigError(f"{run_dir} has no checkpoints yet")
+  setup = loop.prepare(exp)
+  restored = ckpt.restore(step, params=setup.state.params, rest=setup.state.rest, opt_state=None, data_iterator=None)
+  state = setup.state.replace(params=restored["params"], rest=restored.get("rest", setup.state.rest))
+  tokenizer = tokenizer_for(exp, run_dir, train_if_missing=False)
+  rec = loop.evaluate(setup, state, loop.datasets(exp, tokenizer, "validation", per_source=True), args.batches or exp.train.eval_batches)
+  print(json.dumps({"step": step, **{k: float(v) for k, v in rec.items() if not k.startswith("eval_metrics/")}}, indent=2))
+  return 0
+
+
+def _generate(args) -> int:
+  from jaxlm.generate import SamplingConfig, generate_text
+  from jaxlm.train.run import load_for_inference
+
+  cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  exp, model, tokenizer, step = load_for_inference(Path(args.run_dir), step=args.step)
+  texts = generate_text(model, tokenizer, args.prompt, cfg, add_bos=exp.data.add_bos)
+  for prompt, text in zip(args.prompt, texts):
+    print(f"--- {exp.name} step {step}, prompt {prompt!r}")
+    print(prompt + text)
+  return 0
+
+
+def _inspect(args) -> int:
+  from jaxlm import experiments
+  from jaxlm.report import format_report, report
+
+  exp = experiments.load(args.experiment, args.overrides)
+  r = report(exp, args.devices)
+  if args.json:
+    print(json.dumps({k: v for k, v in r.items()}, indent=2, default=str))
+  else:
+    print(format_report(exp, r))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  import absl.logging
+
+  absl.logging.set_verbosity(absl.logging.ERROR)  # orbax and tfds are chatty at WARNING
+  try:
+    args = parser().parse_args(argv)
+    return {"train": _train, "eval": _eval, "generate": _generate, "inspect": _inspect}[args.command](args)
+  except ConfigError as e:
+    print(f"jaxlm: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("jaxlm: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,337 @@
+"""Typed, frozen configuration: one `Experiment` tree, validated when it is built.
+
+Every field has a one-line comment. Validation lives in `__post_init__`, so an invalid config
+cannot exist (also not after `dataclasses.replace` or a `--set` override); the error names the
+field by its dotted path, and the CLI prints it as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from jaxlm.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh: one axis per kind of parallelism. -1 fills with the devices left over."""
+
+  data: int = 1  # pure data parallelism (replicated params)
+  fsdp: int = -1  # data parallelism with params and optimizer state sharded (ZeRO-3)
+  expert: int = 1  # expert parallelism (MoE experts sharded; batch too for non-MoE layers)
+  tensor: int = 1  # tensor (model) parallelism over heads / mlp / vocab
+  dcn_data: int = 1  # multi-slice: data-parallel size across slices (over DCN)
+  dcn_fsdp: int = 1  # multi-slice: fsdp size across slices
+  dcn_expert: int = 1  # multi-slice: expert size across slices
+  dcn_tensor: int = 1  # multi-slice: tensor size across slices (rarely useful)
+  rules: tuple[tuple[str, Any], ...] = ()  # overrides of the logical->mesh rule table
+  devices: int = 0  # devices this experiment is written for (0: whatever is present)
+
+  def __post_init__(self):
+    ici = [getattr(self, a) for a in MESH_AXES]
+    _check(all(s == -1 or s >= 1 for s in ici), f"mesh: axis sizes must be >= 1 or -1, got {dict(zip(MESH_AXES, ici))}")
+    _check(sum(s == -1 for s in ici) <= 1, "mesh: at most one axis may be -1")
+    for a in MESH_AXES:
+      _check(getattr(self, f"dcn_{a}") >= 1, f"mesh.dcn_{a} must be >= 1")
+    _check(self.devices >= 0, "mesh.devices must be >= 0")
+
+  @property
+  def dcn_shape(self) -> tuple[int, ...]:
+    return tuple(getattr(self, f"dcn_{a}") for a in MESH_AXES)
+
+  def shape(self, n_devices: int) -> dict[str, int]:
+    """Resolved sizes (ici x dcn) of every mesh axis for `n_devices` devices."""
+    n_slices = math.prod(self.dcn_shape)
+    _check(n_devices % n_slices == 0, f"mesh: {n_devices} devices cannot form {n_slices} slices (dcn_* sizes)")
+    per_slice = n_devices // n_slices
+    ici = {a: getattr(self, a) for a in MESH_AXES}
+    known = math.prod(s for s in ici.values() if s != -1)
+    fill = [a for a, s in ici.items() if s == -1]
+    if fill:
+      _check(per_slice % known == 0, f"mesh: {per_slice} devices per slice are not divisible by the fixed axes {ici}")
+      ici[fill[0]] = per_slice // known
+    _check(
+        math.prod(ici.values()) == per_slice,
+        f"mesh: data*fsdp*expert*tensor = {math.prod(ici.values())} but there are {per_slice} devices"
+        + (" per slice" if n_slices > 1 else "")
+        + f" ({ici})",
+    )
+    return {a: ici[a] * getattr(self, f"dcn_{a}") for a in MESH_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Token-level sparse mixture of experts (the `moe` FFN kind)."""
+
+  n_experts: int = 8  # routed experts E
+  top_k: int = 2  # experts per token
+  d_ff_expert: int = 0  # hidden size of each expert (0: model.d_ff); small values = fine-grained experts
+  n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each of size d_ff_expert
+  router: str = "softmax_topk"  # routing function (registry key)
+  renormalize: bool = True  # renormalise the k chosen weights to sum to 1
+  jitter: float = 0.0  # multiplicative router-input jitter in training (Switch): x * U(1-eps, 1+eps)
+  capacity_factor: float = 0.0  # 0: dropless; > 0: fixed capacity per expert, overflow dropped
+  dispatch: str = "auto"  # grouped-matmul backend (registry key); auto picks per platform
+  load_balance_weight: float = 0.01  # Switch load-balancing loss weight
+  router_z_weight: float = 0.001  # router z-loss weight
+  bias_update_rate: float = 0.001  # DeepSeek-V3 selection-bias update rate (sigmoid router)
+  allow_noncausal_routing: bool = False  # opt in to expert-choice routing in a causal decoder
+
+  def __post_init__(self):
+    _check(self.n_experts >= 1, "model.moe.n_experts must be >= 1")
+    _check(1 <= self.top_k <= self.n_experts, f"model.moe.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+    _check(self.d_ff_expert >= 0, "model.moe.d_ff_expert must be >= 0")
+    _check(self.n_shared_experts >= 0, "model.moe.n_shared_experts must be >= 0")
+    _check(self.capacity_factor >= 0, f"model.moe.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
+    _check(0 <= self.jitter < 1, "model.moe.jitter must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftMoEConfig:
+  """Soft-merged mixture of experts (the `soft_moe` FFN kind): SMEAR and Lory."""
+
+  n_experts: int = 8  # experts E, merged in parameter space
+  granularity: str = "segment"  # "segment" (Lory, causal) or "sequence" (SMEAR, reads the whole sequence)
+  segment_len: int = 256  # T: tokens per routing segment (granularity="segment")
+  first_segment: str = "paper"  # routing of segment 1: "paper" (own mean, stop-gradient) or "uniform"
+  allow_noncausal_routing: bool = False  # opt in to sequence-level routing in a causal decoder
+  expert_dropout: float = 0.0  # SMEAR expert dropout: zero each routing weight w.p. p, renormalise
+  merge: str = "auto"  # merge implementation (registry key)
+  dense_warmup: float = 0.0  # fraction of steps trained dense before the FFN is copied into every expert
+
+  def __post_init__(self):
+    _check(self.n_experts >= 1, "model.soft_moe.n_experts must be >= 1")
+    _check(self.granularity in ("segment", "sequence"), f"model.soft_moe.granularity must be 'segment' or 'sequence', got {self.granularity!r}")
+    _check(self.segment_len >= 1, "model.soft_moe.segment_len must be >= 1")
+    _check(self.first_segment in ("paper", "uniform"), f"model.soft_moe.first_segment must be 'paper' or 'uniform', got {self.first_segment!r}")
+    _check(0 <= self.expert_dropout < 1, "model.soft_moe.expert_dropout must be in [0, 1)")
+    _check(0 <= self.dense_warmup < 1, "model.soft_moe.dense_warmup must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-style decoder; the FFN of every layer comes from the FFN registry."""
+
+  vocab_size: int = 384  # embedding rows (>= the tokenizer's vocabulary; multiples of 128 are fastest)
+  d_model: int = 256  # D: residual stream width
+  n_layers: int = 4  # decoder blocks
+  n_heads: int = 4  # H: query heads
+  n_kv_heads: int = 4  # key/value heads (grouped-query attention when < n_heads)
+  head_dim: int = 0  # K: per-head width (0: d_model // n_heads)
+  d_ff: int = 768  # F: hidden width of the dense SwiGLU MLP
+  ffn: str = "dense"  # FFN kind (registry key) used where the pattern below places it
+  first_k_dense: int = 0  # the first k layers use the dense MLP whatever `ffn` is (DeepSeek)
+  ffn_every: int = 1  # after those, every n-th layer uses `ffn`, the others dense (Switch: 2)
+  rope_theta: float = 10_000.0  # RoPE base frequency
+  norm_eps: float = 1e-5  # RMSNorm epsilon
+  tie_embeddings: bool = True  # share the embedding matrix with the output head
+  dtype: str = "bfloat16"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"  # master weights
+  init_std: float = 0.02  # std of the normal init of weight matrices (output projections scaled by depth)
+  remat: str = "none"  # activation checkpointing per block: none, full, dots, dots_no_batch
+  scan_layers: bool = False  # scan over identical blocks (fast compiles for deep models)
+  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: xla, cudnn, or auto
+  moe: MoEConfig = MoEConfig()  # settings of the `moe` FFN kind
+  soft_moe: SoftMoEConfig = SoftMoEConfig()  # settings of the `soft_moe` FFN kind
+
+  def __post_init__(self):
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "ffn_every"):
+      _check(getattr(self, f) >= 1, f"model.{f} must be >= 1, got {getattr(self, f)}")
+    _check(
+        self.n_heads % self.n_kv_heads == 0,
+        f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})",
+    )
+    _check(self.head_dim > 0 or self.d_model % self.n_heads == 0, f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}) unless model.head_dim is set")
+    _check(self.head_dim >= 0 and self.head_dim % 2 == 0, f"model.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+    _check(self.resolved_head_dim % 2 == 0, f"head_dim = d_model / n_heads = {self.resolved_head_dim} must be even (RoPE rotates pairs)")
+    _check(0 <= self.first_k_dense <= self.n_layers, f"model.first_k_dense must be in [0, n_layers], got {self.first_k_dense}")
+    _check(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+    _check(self.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
+    _check(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    _check(self.attention_impl in ("xla", "cudnn", "auto"), f"model.attention_impl must be xla, cudnn or auto, got {self.attention_impl!r}")
+    if self.scan_layers:
+      period = self.ffn_every
+      _check(
+          (self.n_layers - self.first_k_dense) % period == 0,
+          f"model.scan_layers needs (n_layers - first_k_dense) = {self.n_layers - self.first_k_dense} divisible by ffn_every = {period}",
+      )
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  def layer_ffn(self, i: int) -> str:
+    """FFN kind of layer i: dense for the first k layers, then `ffn` on every n-th layer."""
+    if i < self.first_k_dense:
+      return "dense"
+    return self.ffn if (i - self.first_k_dense) % self.ffn_every == 0 else "dense"
+
+  @property
+  def ffn_kinds(self) -> tuple[str, ...]:
+    return tuple(self.layer_ffn(i) for i in range(self.n_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Sources, mixture, tokenizer and packing. Batches are global: split over hosts and devices."""
+
+  mixture: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"stdlib_prose": 0.5, "stdlib_code": 0.5})  # {source: weight}
+  seq_len: int = 256  # tokens per packed sequence
+  batch_size: int = 16  # global batch in sequences (per optimizer step, before gradient accumulation split)
+  tokenizer: str = "byte"  # "byte" or "sentencepiece"
+  sp_model: str = ""  # sentencepiece .model file; empty: train one on the training data into the run dir
+  sp_vocab_size: int = 1024  # vocabulary of a sentencepiece model trained on the data
+  add_bos: bool = True  # prepend BOS to every document
+  shuffle: bool = True  # shuffle documents (deterministically, from train.seed)
+  cache_dir: str = ""  # where built datasets live (empty: $JAXLM_CACHE or ~/.cache/jaxlm)
+
+  def __post_init__(self):
+    _check(isinstance(self.mixture, Mapping) and len(self.mixture) > 0, "data.mixture must be a non-empty {source: weight} mapping")
+    for k, w in self.mixture.items():
+      _check(isinstance(w, (int, float)) and w >= 0, f"data.mixture[{k!r}] must be a weight >= 0, got {w!r}")
+    _check(sum(self.mixture.values()) > 0, "data.mixture weights must not all be 0")
+    _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+    _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+    _check(self.tokenizer in ("byte", "sentencepiece"), f"data.tokenizer must be 'byte' or 'sentencepiece', got {self.tokenizer!r}")
+    _check(self.sp_vocab_size >= 16, "data.sp_vocab_size must be >= 16")
+
+  def __hash__(self):  # mixture is a dict; hash by value so configs can be compared and cached
+    return hash((tuple(sorted(self.mixture.items())), self.seq_len, self.batch_size, self.tokenizer, self.sp_model))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay, global-norm clipping."""
+
+  lr: float = 3e-3  # peak learning rate
+  warmup_steps: int = 50  # linear warmup from 0 to lr
+  decay_steps: int = 0  # cosine decay length, warmup included (0: train.steps)
+  min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+  b1: float = 0.9  # Adam beta1
+  b2: float = 0.95  # Adam beta2
+  eps: float = 1e-8  # Adam epsilon
+  weight_decay: float = 0.1  # decoupled weight decay (not applied to norms and biases)
+  clip_norm: float = 1.0  # global gradient-norm clipping (0: off)
+
+  def __post_init__(self):
+    _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+    _check(self.warmup_steps >= 0 and self.decay_steps >= 0, "optim.warmup_steps and optim.decay_steps must be >= 0")
+    _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+    _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+    _check(self.weight_decay >= 0 and self.clip_norm >= 0, "optim.weight_decay and optim.clip_norm must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: steps, evaluation, checkpoints, logging."""
+
+  steps: int = 1000  # optimizer steps
+  seed: int = 0  # parameter init and data order
+  grad_accum: int = 1  # microbatches per optimizer step (data.batch_size is split into these)
+  z_loss_weight: float = 0.0  # weight of mean(logsumexp(logits)^2) (PaLM z-loss)
+  eval_every: int = 100  # steps between evaluations (0: only at the end)
+  eval_batches: int = 4  # batches per source per evaluation
+  checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
+  log_every: int = 10  # steps between metric lines
+  sample_prompts: tuple[str, ...] = ("def ", "The ")  # printed with a generated continuation at the end
+  sample_tokens: int = 64  # tokens generated per sample prompt
+
+  def __post_init__(self):
+    _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+    _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+    for f in ("eval_every", "eval_batches", "checkpoint_every", "sample_tokens", "z_loss_weight"):
+      _check(getattr(self, f) >= 0, f"train.{f} must be >= 0")
+    _check(self.log_every >= 1, "train.log_every must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpoints of model, optimizer, step and data-iterator state, saved together."""
+
+  enabled: bool = True  # save checkpoints at all
+  max_to_keep: int = 3  # newest checkpoints kept
+  async_save: bool = True  # write in the background while training continues
+
+  def __post_init__(self):
+    _check(self.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs, readable top to bottom."""
+
+  name: str = "experiment"  # run directory defaults to runs/<name>
+  description: str = ""  # one line on what this experiment is for
+  mesh: MeshConfig = MeshConfig()
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+
+  def __post_init__(self):
+    _check(bool(self.name) and "/" not in self.name, f"experiment name must be non-empty without '/', got {self.name!r}")
+    _check(
+        self.data.batch_size % self.train.grad_accum == 0,
+        f"data.batch_size ({self.data.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})",
+    )
+    if self.data.tokenizer == "byte":
+      from jaxlm.data.tokenizers import ByteTokenizer
+
+      _check(
+          self.model.vocab_size >= ByteTokenizer.VOCAB_SIZE,
+          f"model.vocab_size ({self.model.vocab_size}) is smaller than the byte tokenizer's {ByteTokenizer.VOCAB_SIZE}",
+      )
+    elif not self.data.sp_model:
+      _check(
+          self.model.vocab_size >= self.data.sp_vocab_size,
+          f"model.vocab_size ({self.model.vocab_size}) is smaller than data.sp_vocab_size ({self.data.sp_vocab_size})",
+      )
+    if "soft_moe" in self.model.ffn_kinds and self.model.soft_moe.granularity == "segment":
+      t = self.model.soft_moe.segment_len
+      _check(self.data.seq_len % t == 0, f"data.seq_len ({self.data.seq_len}) must be a multiple of model.soft_moe.segment_len ({t})")
+
+
+def to_dict(cfg: Any) -> Any:
+  """A JSON-friendly nested dict of a config tree (tuples become lists)."""
+  if dataclasses.is_dataclass(cfg):
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, Mapping):
+    return {k: to_dict(v) for k, v in cfg.items()}
+  if isinstance(cfg, (tuple, list)):
+    return [to_dict(v) for v in cfg]
+  return cfg
+
+
+def from_dict(cls: type, d: Mapping[str, Any]) -> Any:
+  """Rebuild a config tree from `to_dict` output (unknown keys raise ConfigError)."""
+  import typing
+
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  names = {f.name for f in dataclasses.fields(cls)}
+  for k, v in d.items():
+    _check(k in names, f"unknown config key {k!r} for {cls.__name__}")
+    t = hints[k]
+    if dataclasses.is_dataclass(t):
+      kwargs[k] = from_dict(t, v)
+    elif isinstance(v, list):
+      kwargs[k] = _tuplify(v)
+    else:
+      kwargs[k] = v
+  return cls(**kwargs)
+
+
+def _tuplify(v: Any) -> Any:
+  return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v

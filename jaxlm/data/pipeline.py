@@ -1,0 +1,101 @@
+"""The grain pipeline: sources -> host shard -> tokenize -> weighted mixture -> pack -> batch.
+
+Each source is a random-access list of documents; documents are shuffled (reshuffled every
+epoch), repeated forever and tokenized as [BOS] text [EOS]. `MapDataset.mix` interleaves the
+sources by their weights (weights count documents, not tokens). Every JAX process keeps every
+`process_count`-th element, so hosts read disjoint data. Packing concatenates documents and
+splits at `seq_len` (grain's ConcatThenSplit), recording for every token its document
+(`segment_ids`, from 1) and its position in that document; nothing is padded in training.
+
+A batch is a dict of int32 numpy arrays [local_batch, seq_len]: inputs, targets, segment_ids,
+positions and loss_mask (1 where the target is a real next token). The whole pipeline is
+deterministic for a seed, and the iterator state is a small JSON-able dict, checkpointed with
+the model so that a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import grain
+import numpy as np
+from grain import experimental as grain_experimental
+
+from jaxlm.data import sources
+from jaxlm.data.tokenizers import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+class Tokenize:
+  """text -> {"inputs": tokens[:-1], "targets": tokens[1:]} with tokens = [BOS] text [EOS]."""
+
+  def __init__(self, tokenizer: Tokenizer, add_bos: bool = True):
+    self.tokenizer, self.add_bos = tokenizer, add_bos
+
+  def __call__(self, text: str) -> dict[str, np.ndarray]:
+    tok = self.tokenizer
+    ids = ([tok.bos_id] if self.add_bos else []) + tok.encode(text) + [tok.eos_id]
+    arr = np.asarray(ids, np.int32)
+    return {"inputs": arr[:-1], "targets": arr[1:]}
+
+
+def _finalize(packed: Mapping[str, np.ndarray]) -> Batch:
+  seg = packed["targets_segment_ids"].astype(np.int32)
+  return {
+      "inputs": packed["inputs"].astype(np.int32),
+      "targets": packed["targets"].astype(np.int32),
+      "segment_ids": seg,
+      "positions": packed["inputs_positions"].astype(np.int32),
+      "loss_mask": (seg > 0).astype(np.int32),
+  }
+
+
+def lm_dataset(
+    mixture: Mapping[str, float],
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    add_bos: bool = True,
+    cache_dir: str = "",
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+  """Packed LM batches of `batch_size` rows (this process's share) from a weighted mixture."""
+  names = [k for k, w in mixture.items() if w > 0]
+  parts = []
+  for i, name in enumerate(names):
+    ds = grain.MapDataset.source(sources.load(name, split, cache_dir))
+    if shuffle:
+      ds = ds.shuffle(seed=seed * 1_000_003 + i)
+    parts.append(ds.repeat().map(Tokenize(tokenizer, add_bos)))
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(mixture[n]) for n in names])
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  it = grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len})
+  return it.batch(batch_size, drop_remainder=True).map(_finalize)
+
+
+def take(ds: grain.IterDataset, n: int) -> Iterator[Batch]:
+  it = iter(ds)
+  for _ in range(n):
+    yield next(it)
+
+
+def sample_texts(mixture: Mapping[str, float], *, max_chars: int, cache_dir: str = "") -> Iterator[str]:
+  """Training documents from every source in the mixture (for training a tokenizer)."""
+  per_source = max_chars // max(1, sum(w > 0 for w in mixture.values()))
+  for name, w in mixture.items():
+    if w <= 0:
+      continue
+    docs, used = sources.load(name, "train", cache_dir), 0
+    for i in range(len(docs)):
+      text = docs[i]
+      yield text
+      used += len(text)
+      if used >= per_source:
+        break

@@ -1,0 +1,16 @@
+"""The FFN registry: every kind of feed-forward block a decoder layer can hold.
+
+An FFN kind is an `nnx.Module` class with `__init__(cfg: ModelConfig, *, rngs)` and
+`__call__(x_bld, *, segment_ids=None, positions=None) -> y_bld | (y_bld, aux)`. `aux` is a
+dict with optional entries `"losses"` ({name: scalar, already weighted}; the model sums them
+over layers and the trainer adds them to the loss) and `"metrics"` ({name: array}; the model
+stacks them over the layers of that kind). The class also provides
+`forward_flops_per_token(cfg, seq_len) -> float` (matmul FLOPs, for MFU and the FLOPs
+benchmark) and, if some of its parameters sit idle for a given token, `inactive_params(cfg)`
+(for the active-parameter count). Kinds: `dense` (jaxlm.layers.mlp), `moe`
+(jaxlm.layers.moe), `soft_moe` (jaxlm.layers.soft_moe).
+"""
+
+from jaxlm.registry import Registry
+
+FFN: Registry = Registry("ffn kind")

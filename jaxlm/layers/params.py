@@ -1,0 +1,43 @@
+"""Parameter creation shared by every layer: initializer, dtype and logical axes in one call."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def dtype(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    param_dtype: str | jnp.dtype = "float32",
+    kind: type[nnx.Variable] = nnx.Param,
+) -> nnx.Variable:
+  """A variable with its logical axes recorded as `out_sharding` metadata.
+
+  Eager sharding is off: jaxlm shards parameters by building them inside a jit whose output
+  shardings come from the logical axes (`jaxlm.models.build`), so layers can also be created
+  with no mesh at all, e.g. by other projects that import them.
+  """
+  if len(axes) != len(shape):
+    raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
+  value = init(rngs.params(), tuple(shape), jnp.dtype(param_dtype))
+  return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def normal(std: float) -> Initializer:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def ones() -> Initializer:
+  return jax.nn.initializers.ones

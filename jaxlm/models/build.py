@@ -1,0 +1,62 @@
+"""Build a model with its parameters sharded at creation, never materialised unsharded.
+
+`eval_shape` gives the parameter shapes and logical axes; the rule table turns those into
+shardings; a jit with those output shardings runs the initialisers so that every device only
+ever computes and holds its own shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlm import sharding
+from jaxlm.config import ModelConfig
+from jaxlm.models.transformer import Transformer
+
+
+def abstract_model(cfg: ModelConfig, *, seed: int = 0) -> Transformer:
+  """The model with ShapeDtypeStructs for values: shapes, dtypes and logical axes, no memory.
+
+  (`jax.eval_shape` rather than `nnx.eval_shape`: the latter reads the logical axis names as
+  mesh axes when a mesh is set.)
+  """
+  graphdef = None
+
+  def init():
+    nonlocal graphdef
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    return state
+
+  state = jax.eval_shape(init)
+  return nnx.merge(graphdef, state)
+
+
+def build(cfg: ModelConfig, mesh: Mesh | None = None, *, seed: int = 0, rules: Mapping[str, Any] | None = None) -> Transformer:
+  """A `Transformer` with parameters created directly in their sharded layout on `mesh`."""
+  if mesh is None:
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+  graphdef, abstract_state = nnx.split(abstract_model(cfg, seed=seed))
+  shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+  @jax.jit(out_shardings=shardings)
+  def init():
+    return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+  with jax.set_mesh(mesh):
+    state = init()
+  return nnx.merge(graphdef, state)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Total parameters, parameters used per token (MoE: only the routed top-k), embeddings."""
+  from jaxlm.layers.ffn import FFN
+
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  total = sum(x.size for x in jax.tree.leaves(state))
+  inactive = sum(getattr(FFN.get(k), "inactive_params", lambda c: 0)(cfg) for k in cfg.ffn_kinds)
+  embed = cfg.vocab_size * cfg.d_model
+  return {"total": total, "active": total - inactive, "embedding": embed}

@@ -1,0 +1,207 @@
+"""The decoder LM: embeddings -> blocks (attention + FFN of a registered kind) -> norm -> head.
+
+Layer pattern. Layer i holds the FFN kind `cfg.layer_ffn(i)`: dense for the first
+`first_k_dense` layers, then `cfg.ffn` on every `ffn_every`-th layer and dense in between.
+With `scan_layers`, the repeating unit of `ffn_every` blocks is stacked on a leading axis and
+scanned (the dense prefix stays unrolled): one compiled body however deep the model is.
+
+Aux. Each FFN may return `{"losses": {...}, "metrics": {...}}`; the model returns
+`aux = {"losses": {name: sum over layers}, "metrics": {name: [n_layers_of_kind, ...]}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.layers.attention import Attention, KVCache
+from jaxlm.layers.embed import Embed
+from jaxlm.layers.ffn import FFN
+from jaxlm.layers.norms import RMSNorm
+from jaxlm.layers.params import normal, param
+from jaxlm.sharding import shard
+
+Aux = dict[str, dict[str, jax.Array]]
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _ffn_output(out: Any) -> tuple[jax.Array, Aux]:
+  return out if isinstance(out, tuple) else (out, {})
+
+
+def combine_aux(auxes: list[Aux], *, stacked: bool = False) -> Aux:
+  """Sum losses and join metrics, in layer order, over a list of aux dicts.
+
+  Per-layer aux dicts (`stacked=False`) have their metrics stacked on a new leading axis;
+  aux dicts that are already stacked over layers (`stacked=True`) are concatenated.
+  """
+  losses: dict[str, jax.Array] = {}
+  metrics: dict[str, list[jax.Array]] = {}
+  for aux in auxes:
+    for k, v in aux.get("losses", {}).items():
+      losses[k] = losses[k] + v if k in losses else v
+    for k, v in aux.get("metrics", {}).items():
+      metrics.setdefault(k, []).append(v)
+  join = jnp.concatenate if stacked else jnp.stack
+  return {"losses": losses, "metrics": {k: join(v) for k, v in metrics.items()}}
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, ffn_kind: str, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.ffn = FFN.get(ffn_kind)(cfg, rngs=rngs)
+
+  def __call__(self, x_bld, *, positions, segment_ids=None, cache: KVCache | None = None):
+    h, cache = self.attn(self.attn_norm(x_bld), positions=positions, segment_ids=segment_ids, cache=cache)
+    x_bld = x_bld + h
+    y, aux = _ffn_output(self.ffn(self.ffn_norm(x_bld), segment_ids=segment_ids, positions=positions))
+    return shard(x_bld + y, "batch", "seq", "embed"), aux, cache
+
+
+class Unit(nnx.Module):
+  """`ffn_every` consecutive blocks: the pattern that repeats and is scanned over."""
+
+  def __init__(self, cfg: ModelConfig, kinds: tuple[str, ...], *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, k, rngs=rngs) for k in kinds])
+
+  def __call__(self, x_bld, *, positions, segment_ids=None, caches: tuple | None = None):
+    auxes, new_caches = [], []
+    for i, block in enumerate(self.blocks):
+      x_bld, aux, c = block(x_bld, positions=positions, segment_ids=segment_ids, cache=None if caches is None else caches[i])
+      auxes.append(aux)
+      new_caches.append(c)
+    return x_bld, combine_aux(auxes), (None if caches is None else tuple(new_caches))
+
+
+class Transformer(nnx.Module):
+  """Llama-style decoder. `model(tokens, segment_ids=, positions=) -> (logits [B,L,V] f32, aux)`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kinds = cfg.ffn_kinds
+    if cfg.scan_layers:
+      k0, period = cfg.first_k_dense, cfg.ffn_every
+      self.prefix = nnx.List([Block(cfg, kinds[i], rngs=rngs) for i in range(k0)])
+      unit_kinds = kinds[k0 : k0 + period]
+
+      @nnx.split_rngs(splits=(cfg.n_layers - k0) // period)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+      def make_units(rngs: nnx.Rngs) -> Unit:
+        return Unit(cfg, unit_kinds, rngs=rngs)
+
+      self.units = make_units(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, kinds[i], rngs=rngs) for i in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+
+  # -- the layer stack ---------------------------------------------------------------------
+
+  def _remat(self, fn):
+    if self.cfg.remat == "none":
+      return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+
+  def _layers(self, x_bld, positions, segment_ids, cache):
+    """Run every block; `cache` is None or the structure made by `init_cache`."""
+    auxes: list[Aux] = []
+    new_cache: dict[str, Any] = {}
+
+    def run_block(block, x, cache_i):
+      return block(x, positions=positions, segment_ids=segment_ids, cache=cache_i)
+
+    run_block = self._remat(run_block)
+    if not self.cfg.scan_layers:
+      caches = []
+      for i, block in enumerate(self.blocks):
+        x_bld, aux, c = run_block(block, x_bld, None if cache is None else cache["blocks"][i])
+        auxes.append(aux)
+        caches.append(c)
+      new_cache["blocks"] = caches
+      return x_bld, combine_aux(auxes), (new_cache if cache is not None else None)
+
+    caches = []
+    for i, block in enumerate(self.prefix):
+      x_bld, aux, c = run_block(block, x_bld, None if cache is None else cache["prefix"][i])
+      auxes.append(aux)
+      caches.append(c)
+    new_cache["prefix"] = caches
+
+    def run_unit(unit, x, unit_caches):
+      return unit(x, positions=positions, segment_ids=segment_ids, caches=unit_caches)
+
+    run_unit = self._remat(run_unit)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0), transform_metadata={nnx.PARTITION_NAME: None})
+    def scan_units(x, unit, unit_caches):
+      x, aux, unit_caches = run_unit(unit, x, unit_caches)
+      return x, aux, unit_caches
+
+    x_bld, unit_aux, unit_caches = scan_units(x_bld, self.units, None if cache is None else cache["units"])
+    new_cache["units"] = unit_caches
+    # Scanned aux: losses [n_units] -> summed; metrics [n_units, m, ...] -> [n_units * m, ...].
+    flat = {
+        "losses": {k: v.sum(0) for k, v in unit_aux.get("losses", {}).items()},
+        "metrics": {k: v.reshape((-1,) + v.shape[2:]) for k, v in unit_aux.get("metrics", {}).items()},
+    }
+    return x_bld, combine_aux([combine_aux(auxes), flat], stacked=True), (new_cache if cache is not None else None)
+
+  def _head(self, x_bld):
+    x_bld = self.final_norm(x_bld)
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(x_bld)
+    logits = jnp.einsum("bld,dv->blv", x_bld, self.lm_head[...].astype(x_bld.dtype), preferred_element_type=jnp.float32)
+    return shard(logits, "batch", "seq", "vocab")
+
+  # -- public ------------------------------------------------------------------------------
+
+  def __call__(self, tokens_bl: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+    """Logits [B, L, V] in float32 and aux. Packed batches pass segment_ids (0 = padding)."""
+    with jax.named_scope("transformer"):
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens_bl.shape[1], dtype=jnp.int32), tokens_bl.shape)
+      x_bld = self.embed(tokens_bl)
+      x_bld, aux, _ = self._layers(x_bld, positions, segment_ids, None)
+      return self._head(x_bld), aux
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens, shaped like the layers."""
+    cfg = self.cfg
+    one = lambda: KVCache.zeros(batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
+    if not cfg.scan_layers:
+      return {"blocks": [one() for _ in range(cfg.n_layers)]}
+    n_units = (cfg.n_layers - cfg.first_k_dense) // cfg.ffn_every
+    stack = lambda c: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_units,) + a.shape), c)
+    return {"prefix": [one() for _ in range(cfg.first_k_dense)], "units": tuple(stack(one()) for _ in range(cfg.ffn_every))}
+
+  def decode(self, tokens_bl: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+    """Append `tokens_bl` to the cache (row b at its own index) and return their logits."""
+    index = _cache_index(cache)
+    positions = index[:, None] + jnp.arange(tokens_bl.shape[1], dtype=jnp.int32)[None, :]
+    x_bld = self.embed(tokens_bl)
+    x_bld, _, cache = self._layers(x_bld, positions, None, cache)
+    return self._head(x_bld), cache
+
+
+def _cache_index(cache: dict[str, Any]) -> jax.Array:
+  if "blocks" in cache:
+    return cache["blocks"][0].index
+  if cache["prefix"]:
+    return cache["prefix"][0].index
+  return cache["units"][0].index[0]
+

@@ -1,0 +1,269 @@
+"""The training loop, in one place: set up, (resume,) step, evaluate, checkpoint, report.
+
+Everything the user can get wrong (mesh vs devices, batch vs mesh, sources, a run directory
+holding a different run) is checked before anything is written. The step is compiled once,
+ahead of time, with explicit shardings and the state donated; the loop dispatches step N+1
+before it reads step N's metrics, so the host never stalls the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm import sharding
+from jaxlm.config import Experiment, to_dict
+from jaxlm.data import pipeline, sources
+from jaxlm.errors import ConfigError
+from jaxlm.models import build
+from jaxlm.train import flops, optimizer, plots
+from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.metrics import MetricsWriter
+from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, check_resumable, load_config, save_config, tokenizer_for
+from jaxlm.train.step import TrainState, make_eval_step, make_train_step, split_model, state_shardings
+
+
+@dataclasses.dataclass
+class Setup:
+  """What `prepare` builds: everything the loop, tests and benchmarks need."""
+
+  exp: Experiment
+  mesh: jax.sharding.Mesh
+  rules: dict
+  graphdef: Any
+  state: TrainState
+  shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Any  # jitted (not yet compiled) train step
+  eval_step: Any  # jitted eval step
+  lr: Any
+
+
+def validate(exp: Experiment, run_dir: Path | None) -> None:
+  """Every check that needs no writing: raises ConfigError naming the problem."""
+  mesh_shape = exp.mesh.shape(jax.device_count())
+  rules = sharding.make_rules(exp.mesh.rules)
+  batch_shards = math.prod(mesh_shape[a] for a in rules["batch"])
+  micro = exp.data.batch_size // exp.train.grad_accum
+  if micro % batch_shards:
+    axes = "*".join(rules["batch"])
+    raise ConfigError(
+        f"data.batch_size / train.grad_accum = {micro} sequences must be divisible by the {batch_shards} devices along the batch axes ({axes})"
+    )
+  if exp.data.batch_size % jax.process_count():
+    raise ConfigError(f"data.batch_size ({exp.data.batch_size}) must be divisible by the number of processes ({jax.process_count()})")
+  for name in exp.data.mixture:
+    sources.check(name)
+  if run_dir is not None and (run_dir / CONFIG_FILE).is_file():
+    check_resumable(load_config(run_dir), exp)
+
+
+def prepare(exp: Experiment) -> Setup:
+  """Mesh, sharded model and optimizer state, jitted step functions (call under no mesh)."""
+  mesh = sharding.make_mesh(exp.mesh)
+  rules = sharding.make_rules(exp.mesh.rules)
+  with sharding.use_rules(rules), jax.set_mesh(mesh):
+    model = build(exp.model, mesh, seed=exp.train.seed, rules=rules)
+    graphdef, params, rest = split_model(model)
+    tx, lr = optimizer.make(exp.optim, exp.train.steps)
+    shardings = state_shardings((graphdef, params, rest), tx, mesh, rules)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    state = TrainState(step=step, params=params, rest=rest, opt_state=opt_state)
+    batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, lr, exp),
+      in_shardings=(shardings, batch_sh),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+  )
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, shardings.rest, batch_sh))
+  return Setup(exp, mesh, rules, graphdef, state, shardings, batch_sh, train_step, eval_step, lr)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding_: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
+
+
+def datasets(exp: Experiment, tokenizer, split: str, *, per_source: bool = False):
+  kw = dict(
+      seq_len=exp.data.seq_len,
+      batch_size=exp.data.batch_size // jax.process_count(),
+      seed=exp.train.seed,
+      add_bos=exp.data.add_bos,
+      cache_dir=exp.data.cache_dir,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  if per_source:
+    names = [n for n, w in exp.data.mixture.items() if w > 0]
+    return {n: pipeline.lm_dataset({n: 1.0}, split, tokenizer, shuffle=False, **kw) for n in names}
+  return pipeline.lm_dataset(exp.data.mixture, split, tokenizer, shuffle=exp.data.shuffle, **kw)
+
+
+def evaluate(setup: Setup, state: TrainState, eval_sets: dict[str, Any], n_batches: int) -> dict[str, Any]:
+  """Loss and perplexity per source and over all of them (token-weighted), plus mean aux metrics."""
+  outs = {}
+  with sharding.use_rules(setup.rules), jax.set_mesh(setup.mesh):
+    for name, ds in eval_sets.items():
+      outs[name] = [setup.eval_step(state.params, state.rest, to_global(b, setup.batch_sharding)) for b in pipeline.take(ds, n_batches)]
+  outs = jax.device_get(outs)
+  record: dict[str, Any] = {}
+  total_ce = total_n = 0.0
+  for name, batches in outs.items():
+    ce, n = sum(float(b["ce_sum"]) for b in batches), sum(float(b["tokens"]) for b in batches)
+    record[f"eval_loss/{name}"] = ce / max(n, 1)
+    total_ce, total_n = total_ce + ce, total_n + n
+    for key in batches[0]:
+      if key.startswith("metrics/"):
+        record[f"eval_{key}/{name}"] = np.mean([b[key] for b in batches], axis=0)
+  record["eval_loss"] = total_ce / max(total_n, 1)
+  record["eval_ppl"] = math.exp(min(record["eval_loss"], 50))
+  return record
+
+
+def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
+  """Train (or resume) `exp` in `run_dir`; returns a summary of the run."""
+  run_dir = Path(run_dir)
+  validate(exp, run_dir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run_dir, exp)
+  tokenizer = tokenizer_for(exp, run_dir)
+  setup = prepare(exp)
+  tcfg = exp.train
+  train_iter = iter(datasets(exp, tokenizer, "train"))
+  eval_sets = datasets(exp, tokenizer, "validation", per_source=True)
+  ckpt = Checkpointer(run_dir / CHECKPOINTS, exp.checkpoint) if exp.checkpoint.enabled else None
+
+  state = setup.state
+  start = (ckpt.latest_step() or 0) if ckpt else 0
+  if start:
+    restored = ckpt.restore(start, params=state.params, rest=state.rest, opt_state=state.opt_state, data_iterator=train_iter)
+    state = TrainState(
+        step=jax.device_put(jnp.asarray(restored["opt_state"]["step"], jnp.int32), setup.shardings.step),
+        params=restored["params"],
+        rest=restored.get("rest", state.rest),
+        opt_state=restored["opt_state"]["opt_state"],
+    )
+  if start >= tcfg.steps:
+    print(f"{run_dir}: already trained to step {start} (train.steps = {tcfg.steps}); nothing to do")
+    return {"steps": start}
+
+  writer = MetricsWriter(run_dir, total_steps=tcfg.steps, start_step=start)
+  n_dev = jax.device_count()
+  tokens_per_step = exp.data.batch_size * exp.data.seq_len
+  flops_per_token = flops.train_flops_per_token(exp.model, exp.data.seq_len)
+  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  writer.print(
+      f"{exp.name}: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(setup.mesh.shape)}, "
+      f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {tcfg.steps} steps of {tokens_per_step:,} tokens"
+  )
+
+  def save(step_no: int) -> None:
+    if ckpt is not None:
+      ckpt.save(step_no, params=state.params, rest=state.rest, opt_state=state.opt_state, data_iterator=train_iter, config=to_dict(exp))
+
+  def run_eval(step_no: int) -> dict[str, Any]:
+    rec = {"step": step_no, **evaluate(setup, state, eval_sets, tcfg.eval_batches)}
+    writer.write(rec)
+    per_source = "  ".join(f"{k[len('eval_loss/'):]} {v:.3f}" for k, v in rec.items() if k.startswith("eval_loss/"))
+    writer.print(f"step {step_no:>6}  eval loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.2f}  ({per_source})")
+    return rec
+
+  first_eval = run_eval(start) if start == 0 and tcfg.eval_every else None
+  t_start = time.perf_counter()
+  with sharding.use_rules(setup.rules), jax.set_mesh(setup.mesh):
+    batch = to_global(next(train_iter), setup.batch_sharding)
+    t0 = time.perf_counter()
+    compiled = setup.train_step.lower(state, batch).compile()
+    writer.print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+
+    pending: tuple[int, Any] | None = None
+    last_eval = first_eval
+    # Throughput between two logged steps: fetching step k's metrics waits for step k to finish.
+    mark_step, mark_t = start, time.perf_counter()
+    tok_s = 0.0
+
+    def log(step_no: int, metrics: Any) -> None:
+      nonlocal mark_step, mark_t, tok_s
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      tok_s = (step_no - mark_step) * tokens_per_step / max(now - mark_t, 1e-9)
+      mark_step, mark_t = step_no, now
+      rec = {"step": step_no, **metrics, "tokens_per_sec": tok_s, "tflops_per_device": tok_s * flops_per_token / n_dev / 1e12}
+      if peak:
+        rec["mfu"] = rec["tflops_per_device"] * 1e12 / peak
+      writer.write(rec)
+      writer.advance(0, loss=float(metrics["loss"]), tok_s=f"{tok_s:,.0f}")
+      if not writer.interactive:
+        writer.print(f"step {step_no:>6}  loss {float(metrics['loss']):.4f}  grad_norm {float(metrics['grad_norm']):.3f}  lr {float(metrics['lr']):.2e}  {tok_s:,.0f} tok/s")
+
+    step_no = start
+    while step_no < tcfg.steps:
+      state, metrics = compiled(state, batch)
+      step_no += 1
+      if pending is not None:
+        log(*pending)  # read step N-1's metrics only after step N is dispatched
+        pending = None
+      if step_no % tcfg.log_every == 0 or step_no == tcfg.steps:
+        pending = (step_no, metrics)
+      writer.advance(1)
+      is_last = step_no == tcfg.steps
+      do_eval = tcfg.eval_every and (step_no % tcfg.eval_every == 0) or is_last
+      do_ckpt = tcfg.checkpoint_every and (step_no % tcfg.checkpoint_every == 0) or is_last
+      if do_eval or do_ckpt:
+        if pending is not None:
+          log(*pending)
+          pending = None
+        if do_eval:
+          last_eval = run_eval(step_no)
+        if do_ckpt:
+          save(step_no)
+        mark_step, mark_t = step_no, time.perf_counter()  # keep eval and checkpoint time out of tokens/s
+      if not is_last:
+        batch = to_global(next(train_iter), setup.batch_sharding)
+  minutes = (time.perf_counter() - t_start) / 60
+  if ckpt is not None:
+    ckpt.wait()
+    ckpt.close()
+  writer.close()
+  pictures = plots.write_all(run_dir, writer.history) if is_main else []
+  summary = {
+      "steps": tcfg.steps,
+      "minutes": minutes,
+      "tokens_per_sec": tok_s,
+      "initial_eval_loss": first_eval["eval_loss"] if first_eval else None,
+      "final_eval_loss": last_eval["eval_loss"] if last_eval else None,
+      "plots": [str(p) for p in pictures],
+  }
+  if is_main:
+    print(f"done: {tcfg.steps} steps in {minutes:.1f} min, {tok_s:,.0f} tokens/s; eval loss "
+          + (f"{summary['initial_eval_loss']:.3f} -> " if first_eval else "")
+          + (f"{summary['final_eval_loss']:.3f}" if last_eval else "n/a"))
+    for p in pictures:
+      print(f"wrote {p}")
+  if tcfg.sample_prompts and tcfg.sample_tokens:
+    _print_samples(setup, state, tokenizer, tcfg)
+  return summary
+
+
+def _print_samples(setup: Setup, state: TrainState, tokenizer, tcfg) -> None:
+  from jaxlm.generate import SamplingConfig, generate_text
+
+  model = nnx.merge(setup.graphdef, state.params, state.rest)
+  with sharding.use_rules(setup.rules), jax.set_mesh(setup.mesh):
+    texts = generate_text(model, tokenizer, list(tcfg.sample_prompts), SamplingConfig(max_new_tokens=tcfg.sample_tokens, temperature=0.8, top_p=0.95, seed=tcfg.seed))
+  if jax.process_index() == 0:
+    for prompt, text in zip(tcfg.sample_prompts, texts):
+      print(f"--- sample: {prompt!r}\n{prompt}{text}")
