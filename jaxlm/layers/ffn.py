@@ -7,7 +7,9 @@ over layers and the trainer adds them to the loss) and `"metrics"` ({name: array
 stacks them over the layers of that kind). The class also provides
 `forward_flops_per_token(cfg, seq_len) -> float` (matmul FLOPs, for MFU and the FLOPs
 benchmark) and, if some of its parameters sit idle for a given token, `inactive_params(cfg)`
-(for the active-parameter count). Kinds: `dense` (jaxlm.layers.mlp), `moe`
+(for the active-parameter count), and `validate(exp, mesh_shape) -> None` raising ConfigError
+for settings that depend on the mesh (called by the trainer before anything is written).
+Kinds: `dense` (jaxlm.layers.mlp), `moe`
 (jaxlm.layers.moe), `soft_moe` (jaxlm.layers.soft_moe).
 """
 

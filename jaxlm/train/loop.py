@@ -23,6 +23,7 @@ from jaxlm import sharding
 from jaxlm.config import Experiment, to_dict
 from jaxlm.data import pipeline, sources
 from jaxlm.errors import ConfigError
+from jaxlm.layers import FFN
 from jaxlm.models import build
 from jaxlm.train import flops, optimizer, plots
 from jaxlm.train.checkpoint import Checkpointer
@@ -62,6 +63,10 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
     raise ConfigError(f"data.batch_size ({exp.data.batch_size}) must be divisible by the number of processes ({jax.process_count()})")
   for name in exp.data.mixture:
     sources.check(name)
+  for kind in sorted(set(exp.model.ffn_kinds)):  # FFN kinds check what depends on the mesh
+    check = getattr(FFN.get(kind), "validate", None)
+    if check is not None:
+      check(exp, mesh_shape)
   if run_dir is not None and (run_dir / CONFIG_FILE).is_file():
     check_resumable(load_config(run_dir), exp)
 
