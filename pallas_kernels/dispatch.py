@@ -1,0 +1,78 @@
+"""The `implementation=` switch shared by every op.
+
+An op is written once against three callables with the same operands: `xla(*args)` (plain
+XLA), `tpu(*args, interpret)` (Mosaic TPU kernel) and `gpu(*args, interpret)` (Triton kernel).
+`select` turns an implementation name into one function of the operands. Where it has a choice
+it uses `jax.lax.platform_dependent`, so the platform is chosen when the function is *lowered*,
+not when it is traced: one jitted function runs the XLA path on CPU, the Mosaic kernel on TPU
+and the Triton kernel on CUDA, and `jax.export(..., platforms=["tpu"])` on a CPU-only machine
+lowers the real Mosaic kernel rather than the CPU fallback.
+
+Implementation names:
+
+* `None` (auto): Mosaic on TPU, Triton on CUDA, the XLA implementation elsewhere.
+* `"xla"`: the XLA implementation everywhere.
+* `"pallas"`: Mosaic on TPU, Triton on CUDA, the Mosaic kernel in interpret mode elsewhere
+  (so `"pallas"` on CPU runs the kernel in interpret mode).
+* `"pallas_tpu"` / `"pallas_gpu"`: that one kernel, compiled on its own platform and
+  interpreted on any other; the tests use these to check both kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Literal
+
+import jax
+
+Implementation = Literal["xla", "pallas", "pallas_tpu", "pallas_gpu"] | None
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
+
+
+def check_implementation(implementation: Any) -> None:
+  """Raise ValueError for an unknown implementation name."""
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be None or one of {IMPLEMENTATIONS}; got {implementation!r}"
+    )
+
+
+def select(
+    implementation: Implementation,
+    *,
+    xla: Callable[..., Any],
+    tpu: Callable[..., Any],
+    gpu: Callable[..., Any],
+) -> Callable[..., Any]:
+  """One function of the operands that runs the named implementation.
+
+  Args:
+    implementation: see the module docstring.
+    xla: `xla(*operands)`, the XLA implementation.
+    tpu: `tpu(*operands, interpret=bool)`, the Mosaic TPU kernel.
+    gpu: `gpu(*operands, interpret=bool)`, the Triton kernel.
+
+  Returns:
+    `fn(*operands)`; operands must be arrays (bind static arguments beforehand).
+  """
+  check_implementation(implementation)
+  if implementation == "xla":
+    return xla
+  compiled_tpu = functools.partial(tpu, interpret=False)
+  compiled_gpu = functools.partial(gpu, interpret=False)
+  branches: dict[str, Callable[..., Any]]
+  if implementation is None:
+    branches = dict(tpu=compiled_tpu, cuda=compiled_gpu, default=xla)
+  elif implementation == "pallas":
+    branches = dict(
+        tpu=compiled_tpu, cuda=compiled_gpu, default=functools.partial(tpu, interpret=True)
+    )
+  elif implementation == "pallas_tpu":
+    branches = dict(tpu=compiled_tpu, default=functools.partial(tpu, interpret=True))
+  else:  # "pallas_gpu"
+    branches = dict(cuda=compiled_gpu, default=functools.partial(gpu, interpret=True))
+
+  def run(*operands: Any) -> Any:
+    return jax.lax.platform_dependent(*operands, **branches)
+
+  return run
