@@ -65,14 +65,42 @@ def out_struct(shape: tuple[int, ...], dtype: Any, *operands: Any) -> jax.ShapeD
   varies over; it varies over every axis any operand varies over. Outside `shard_map` this is
   the empty set and the struct is an ordinary one.
   """
-  varying: frozenset = frozenset()
-  for op in operands:
-    mat = getattr(jax.typeof(op), "manual_axis_type", None)
-    if mat is not None:
-      varying |= mat.varying
+  varying = frozenset().union(*(varying_axes(op) for op in operands))
   return jax.ShapeDtypeStruct(
       shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
   )
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The manual mesh axes x varies over (empty outside `shard_map`)."""
+  mat = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset() if mat is None else mat.varying
+
+
+def same_varying(*operands: jax.Array) -> list[jax.Array]:
+  """Operands cast (a no-op at run time) to vary over the union of their manual mesh axes.
+
+  A kernel's operands must agree on the axes they vary over inside `shard_map(check_vma=True)`
+  (interpret mode evaluates the kernel body with ordinary jax ops, which check this). Outside
+  `shard_map`: returns the operands unchanged.
+  """
+  union = frozenset().union(*(varying_axes(op) for op in operands))
+  return [
+      jax.lax.pcast(op, tuple(sorted(union - varying_axes(op))), to="varying")
+      if union - varying_axes(op) else op
+      for op in operands
+  ]
+
+
+def cotangent_like(ct: jax.Array, primal: Any) -> jax.Array:
+  """A custom VJP's cotangent for `primal`, summed over the mesh axes primal does not vary on.
+
+  Inside `shard_map`, an operand replicated over an axis (e.g. experts sharded only along F,
+  weights replicated) gets a per-device partial cotangent; its true cotangent is the sum over
+  that axis, which is also the type `custom_vjp` requires. Outside `shard_map`: a no-op.
+  """
+  extra = varying_axes(ct) - varying_axes(primal)
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
 def concrete_value(x: Any) -> np.ndarray | None:

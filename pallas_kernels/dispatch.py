@@ -20,10 +20,11 @@ Implementation names:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Literal
 
 import jax
+
+from pallas_kernels import common
 
 Implementation = Literal["xla", "pallas", "pallas_tpu", "pallas_gpu"] | None
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
@@ -58,19 +59,20 @@ def select(
   check_implementation(implementation)
   if implementation == "xla":
     return xla
-  compiled_tpu = functools.partial(tpu, interpret=False)
-  compiled_gpu = functools.partial(gpu, interpret=False)
+
+  def kernel(fn: Callable[..., Any], interpret: bool) -> Callable[..., Any]:
+    return lambda *ops: fn(*common.same_varying(*ops), interpret=interpret)
+
+  compiled_tpu, compiled_gpu = kernel(tpu, False), kernel(gpu, False)
   branches: dict[str, Callable[..., Any]]
   if implementation is None:
     branches = dict(tpu=compiled_tpu, cuda=compiled_gpu, default=xla)
   elif implementation == "pallas":
-    branches = dict(
-        tpu=compiled_tpu, cuda=compiled_gpu, default=functools.partial(tpu, interpret=True)
-    )
+    branches = dict(tpu=compiled_tpu, cuda=compiled_gpu, default=kernel(tpu, True))
   elif implementation == "pallas_tpu":
-    branches = dict(tpu=compiled_tpu, default=functools.partial(tpu, interpret=True))
+    branches = dict(tpu=compiled_tpu, default=kernel(tpu, True))
   else:  # "pallas_gpu"
-    branches = dict(cuda=compiled_gpu, default=functools.partial(gpu, interpret=True))
+    branches = dict(cuda=compiled_gpu, default=kernel(gpu, True))
 
   def run(*operands: Any) -> Any:
     return jax.lax.platform_dependent(*operands, **branches)

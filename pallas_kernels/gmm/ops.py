@@ -100,7 +100,7 @@ def _grouped_matmul_bwd(out_dtype, implementation, residuals, dy_mn):
       out_dtype=x_mk.dtype, transpose_rhs=True, implementation=implementation,
   )
   dw = _tgmm(x_mk, dy_mn, group_sizes_e, out_dtype=w_ekn.dtype, implementation=implementation)
-  return dx, dw, None
+  return common.cotangent_like(dx, x_mk), common.cotangent_like(dw, w_ekn), None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
@@ -128,7 +128,7 @@ def _transposed_grouped_matmul_bwd(out_dtype, implementation, residuals, dg_ekn)
       x_mk, dg_ekn, group_sizes_e,
       out_dtype=dy_mn.dtype, transpose_rhs=False, implementation=implementation,
   )
-  return dx, ddy, None
+  return common.cotangent_like(dx, x_mk), common.cotangent_like(ddy, dy_mn), None
 
 
 _transposed_grouped_matmul.defvjp(_transposed_grouped_matmul_fwd, _transposed_grouped_matmul_bwd)

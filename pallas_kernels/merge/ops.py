@@ -54,7 +54,10 @@ def _merge_vjp(weights_se, experts_edf, d_merged_sdf, implementation):
   w_es = weights_se.astype(jnp.float32).T
   d_experts = _merge(w_es, d_merged_sdf, implementation)
   d_weights = _weights_grad(d_merged_sdf, experts_edf, implementation)
-  return d_weights.astype(weights_se.dtype), d_experts
+  return (
+      common.cotangent_like(d_weights.astype(weights_se.dtype), weights_se),
+      common.cotangent_like(d_experts, experts_edf),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -101,7 +104,7 @@ def _merged_matmul_bwd(implementation, residuals, dy_slf):
   dx = jnp.einsum("slf,sdf->sld", dy_slf, merged_sdf, preferred_element_type=jnp.float32)
   d_merged = jnp.einsum("sld,slf->sdf", x_sld, dy_slf, preferred_element_type=jnp.float32)
   d_weights, d_experts = _merge_vjp(weights_se, experts_edf, d_merged, implementation)
-  return dx.astype(x_sld.dtype), d_weights, d_experts
+  return common.cotangent_like(dx.astype(x_sld.dtype), x_sld), d_weights, d_experts
 
 
 _merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)

@@ -59,7 +59,8 @@ def _route_bwd(k, mode, renormalize, implementation, residuals, cotangent: Routi
       lambda x: reference.weights_from_ids(x, expert_ids, mode, renormalize), logits_te
   )
   (d_logits,) = vjp(cotangent.weights.astype(jnp.float32))
-  return d_logits.astype(logits_te.dtype), jnp.zeros_like(bias_e)
+  d_logits = common.cotangent_like(d_logits.astype(logits_te.dtype), logits_te)
+  return d_logits, jnp.zeros_like(bias_e)
 
 
 _route.defvjp(_route_fwd, _route_bwd)

@@ -1,0 +1,129 @@
+"""What the kernel tests and `benchmarks/kernels.py` share: tolerances, named shapes, inputs.
+
+Tolerances come from one table. Two correct implementations of a float32-accumulated
+reduction differ by summation order (an error that grows with the number of terms) and, for
+16-bit outputs, by one rounding of the result; so `tolerance(dtype, reduction)` is a relative
+tolerance for the output dtype plus an absolute one that grows like sqrt(reduction) for
+O(1)-sized inputs.
+
+Named shapes: "tiny" shapes are what the CPU tests run in interpret mode (deliberately not
+multiples of any block size); "cpu" shapes are what the benchmark times on a CPU; the rest
+are per-device shapes of real models for accelerators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# dtype -> (rtol, atol per sqrt(reduction size)).
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float32": (2e-5, 4e-6),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.6e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype: Any, reduction: int = 1) -> dict[str, float]:
+  """`np.testing.assert_allclose` kwargs for an output of `dtype` summed over `reduction` terms."""
+  rtol, atol = TOLERANCES[jnp.dtype(dtype).name]
+  return dict(rtol=rtol, atol=atol * math.sqrt(max(1, reduction)))
+
+
+def assert_close(actual: Any, expected: Any, dtype: Any, reduction: int = 1, err_msg: str = ""):
+  """assert_allclose in float32 with the table's tolerance for `dtype` and `reduction`."""
+  np.testing.assert_allclose(
+      np.asarray(jnp.asarray(actual, jnp.float32)),
+      np.asarray(jnp.asarray(expected, jnp.float32)),
+      err_msg=err_msg,
+      **tolerance(dtype, reduction),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingShape:
+  """Router logits [tokens, experts], top-k, and the model's routing mode."""
+
+  tokens: int
+  experts: int
+  k: int
+  mode: str = "softmax_topk"
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmShape:
+  """Grouped matmul [m, k] x [experts, k, n] (m = routed token copies on one device)."""
+
+  m: int
+  k: int
+  n: int
+  experts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeShape:
+  """Merge [segments, experts] x [experts, d, f]; merged_matmul adds [segments, length, d]."""
+
+  segments: int
+  experts: int
+  d: int
+  f: int
+  length: int
+
+
+ROUTING_SHAPES: dict[str, RoutingShape] = {
+    "tiny": RoutingShape(tokens=300, experts=20, k=3),
+    "cpu": RoutingShape(tokens=4096, experts=64, k=8),
+    "mixtral_8x7b": RoutingShape(tokens=16384, experts=8, k=2, mode="topk_softmax"),
+    "qwen1.5_moe_a2.7b": RoutingShape(tokens=16384, experts=60, k=4),
+    "olmoe_1b_7b": RoutingShape(tokens=16384, experts=64, k=8),
+    "deepseek_v3": RoutingShape(tokens=16384, experts=256, k=8, mode="sigmoid"),
+}
+
+GMM_SHAPES: dict[str, GmmShape] = {
+    "tiny": GmmShape(m=300, k=200, n=160, experts=5),
+    "cpu": GmmShape(m=2048, k=512, n=1024, experts=8),
+    "mixtral_8x7b_w1": GmmShape(m=8192, k=4096, n=14336, experts=8),
+    "mixtral_8x7b_w2": GmmShape(m=8192, k=14336, n=4096, experts=8),
+    "olmoe_1b_7b_w1": GmmShape(m=32768, k=2048, n=1024, experts=64),
+    "qwen3_30b_a3b_w1": GmmShape(m=32768, k=2048, n=768, experts=128),
+    "deepseek_v3_ep32_w1": GmmShape(m=16384, k=7168, n=2048, experts=8),
+}
+
+MERGE_SHAPES: dict[str, MergeShape] = {
+    "tiny": MergeShape(segments=5, experts=3, d=40, f=300, length=37),
+    "cpu": MergeShape(segments=8, experts=8, d=256, f=1024, length=128),
+    "lory_0.3b": MergeShape(segments=32, experts=8, d=1024, f=4096, length=256),
+    "lory_1.5b": MergeShape(segments=16, experts=16, d=2048, f=5632, length=256),
+    "smear_7b_ffn": MergeShape(segments=8, experts=8, d=4096, f=11008, length=512),
+}
+
+
+def random_group_sizes(
+    key: jax.Array, m: int, experts: int, *, filled: int | None = None, empty: int = 0
+) -> jax.Array:
+  """[experts] int32 sizes summing to `filled` (default m), `empty` of them zero.
+
+  Sizes are drawn from a Dirichlet-like split of `filled` rows over the non-empty experts,
+  whose positions are random; used for ragged, empty-expert and skewed test cases.
+  """
+  filled = m if filled is None else filled
+  k_perm, k_split = jax.random.split(key)
+  live = experts - empty
+  order = np.asarray(jax.random.permutation(k_perm, experts))
+  frac = np.asarray(jax.random.uniform(k_split, (live,), minval=0.05, maxval=1.0))
+  sizes_live = np.floor(frac / frac.sum() * filled).astype(np.int64)
+  sizes_live[0] += filled - sizes_live.sum()
+  sizes = np.zeros(experts, np.int64)
+  sizes[order[:live]] = sizes_live
+  return jnp.asarray(sizes, jnp.int32)
+
+
+def normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, scale: float = 1.0) -> jax.Array:
+  """N(0, scale^2) samples rounded to dtype."""
+  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
