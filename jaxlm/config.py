@@ -75,17 +75,21 @@ class MoEConfig:
   """Token-level sparse mixture of experts (the `moe` FFN kind)."""
 
   n_experts: int = 8  # routed experts E
-  top_k: int = 2  # experts per token
+  top_k: int = 2  # experts per token (expert_choice: average experts per token)
   d_ff_expert: int = 0  # hidden size of each expert (0: model.d_ff); small values = fine-grained experts
   n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each of size d_ff_expert
-  router: str = "softmax_topk"  # routing function (registry key)
+  router: str = "softmax_topk"  # routing function: softmax_topk, sigmoid_bias (DeepSeek-V3) or expert_choice
   renormalize: bool = True  # renormalise the k chosen weights to sum to 1
+  route_scale: float = 1.0  # multiplier of the combine weights (DeepSeek-V3: 2.5)
   jitter: float = 0.0  # multiplicative router-input jitter in training (Switch): x * U(1-eps, 1+eps)
-  capacity_factor: float = 0.0  # 0: dropless; > 0: fixed capacity per expert, overflow dropped
-  dispatch: str = "auto"  # grouped-matmul backend (registry key); auto picks per platform
+  mode: str = "dropless"  # "dropless" or "capacity" (fixed slots per expert and sequence, overflow dropped)
+  capacity_factor: float = 1.25  # capacity mode and expert_choice: slots = ceil(cf * seq_len * top_k / E)
+  gmm_backend: str = "auto"  # grouped matmul: ragged_dot, capacity_einsum, pallas, or auto (per platform)
+  block_rows: int = 0  # capacity_einsum in dropless mode: rows per expert block (0: auto)
+  all_to_all: str = "auto"  # expert-parallel exchange: ragged, padded, or auto (ragged on TPU/GPU)
   load_balance_weight: float = 0.01  # Switch load-balancing loss weight
   router_z_weight: float = 0.001  # router z-loss weight
-  bias_update_rate: float = 0.001  # DeepSeek-V3 selection-bias update rate (sigmoid router)
+  bias_update_rate: float = 0.001  # DeepSeek-V3 selection-bias update rate (sigmoid_bias router)
   allow_noncausal_routing: bool = False  # opt in to expert-choice routing in a causal decoder
 
   def __post_init__(self):
@@ -93,8 +97,25 @@ class MoEConfig:
     _check(1 <= self.top_k <= self.n_experts, f"model.moe.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
     _check(self.d_ff_expert >= 0, "model.moe.d_ff_expert must be >= 0")
     _check(self.n_shared_experts >= 0, "model.moe.n_shared_experts must be >= 0")
-    _check(self.capacity_factor >= 0, f"model.moe.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
-    _check(0 <= self.jitter < 1, "model.moe.jitter must be in [0, 1)")
+    routers = ("softmax_topk", "sigmoid_bias", "expert_choice")
+    _check(self.router in routers, f"model.moe.router must be one of {routers}, got {self.router!r}")
+    _check(self.route_scale > 0, f"model.moe.route_scale must be > 0, got {self.route_scale}")
+    _check(0 <= self.jitter < 1, f"model.moe.jitter must be in [0, 1), got {self.jitter}")
+    _check(self.mode in ("dropless", "capacity"), f"model.moe.mode must be 'dropless' or 'capacity', got {self.mode!r}")
+    if self.mode == "capacity" or self.router == "expert_choice":
+      why = "model.moe.mode='capacity'" if self.mode == "capacity" else "model.moe.router='expert_choice'"
+      _check(self.capacity_factor > 0, f"model.moe.capacity_factor must be > 0 with {why}, got {self.capacity_factor}")
+    backends = ("auto", "ragged_dot", "capacity_einsum", "pallas")
+    _check(self.gmm_backend in backends, f"model.moe.gmm_backend must be one of {backends}, got {self.gmm_backend!r}")
+    _check(self.block_rows >= 0, f"model.moe.block_rows must be >= 0, got {self.block_rows}")
+    _check(self.all_to_all in ("auto", "ragged", "padded"), f"model.moe.all_to_all must be auto, ragged or padded, got {self.all_to_all!r}")
+    for f in ("load_balance_weight", "router_z_weight", "bias_update_rate"):
+      _check(getattr(self, f) >= 0, f"model.moe.{f} must be >= 0, got {getattr(self, f)}")
+    _check(
+        self.router != "expert_choice" or self.allow_noncausal_routing,
+        "model.moe.router='expert_choice' lets a token's routing depend on later tokens of its sequence, which a causal "
+        "decoder must not do; set model.moe.allow_noncausal_routing=true to opt in",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +225,7 @@ class DataConfig:
     _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
     _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
     _check(self.tokenizer in ("byte", "sentencepiece"), f"data.tokenizer must be 'byte' or 'sentencepiece', got {self.tokenizer!r}")
-    _check(self.sp_vocab_size >= 16, "data.sp_vocab_size must be >= 16")
+    _check(self.sp_vocab_size >= 320, f"data.sp_vocab_size must be >= 320 (256 byte-fallback pieces + specials + characters), got {self.sp_vocab_size}")
 
   def __hash__(self):  # mixture is a dict; hash by value so configs can be compared and cached
     return hash((tuple(sorted(self.mixture.items())), self.seq_len, self.batch_size, self.tokenizer, self.sp_model))

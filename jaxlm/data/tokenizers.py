@@ -69,26 +69,30 @@ class SentencePieceTokenizer:
     model_file = Path(model_file)
     model_file.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        byte_fallback=True,
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=3,
-        input_sentence_size=200_000,
-        shuffle_input_sentence=True,
-        max_sentence_length=16384,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        num_threads=2,
-        minloglevel=2,
-    )
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=_lines(texts),
+          model_writer=buf,
+          vocab_size=vocab_size,
+          model_type="unigram",
+          byte_fallback=True,  # 256 byte pieces: any text encodes, nothing is <unk>
+          character_coverage=0.995,  # rarer characters fall back to bytes
+          pad_id=0,
+          bos_id=1,
+          eos_id=2,
+          unk_id=3,
+          input_sentence_size=200_000,
+          shuffle_input_sentence=True,
+          max_sentence_length=16384,
+          remove_extra_whitespaces=False,
+          normalization_rule_name="identity",
+          split_digits=True,
+          allow_whitespace_only_pieces=True,
+          num_threads=2,
+          minloglevel=2,
+      )
+    except RuntimeError as e:  # sentencepiece reports bad settings (e.g. too small a vocabulary) this way
+      raise ConfigError(f"training the sentencepiece tokenizer failed: {str(e).splitlines()[0]}") from None
     tmp = model_file.with_suffix(".tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(model_file)

@@ -7,6 +7,7 @@ from jaxlm.layers.attention import Attention, KVCache, attention
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.ffn import FFN
 from jaxlm.layers.mlp import MLP, swiglu
+from jaxlm.layers.moe import MoE, moe  # registers the `moe` FFN kind
 from jaxlm.layers.norms import RMSNorm, rms_norm
 from jaxlm.layers.rope import apply_rope
 

@@ -71,9 +71,9 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
     check_resumable(load_config(run_dir), exp)
 
 
-def prepare(exp: Experiment) -> Setup:
-  """Mesh, sharded model and optimizer state, jitted step functions (call under no mesh)."""
-  mesh = sharding.make_mesh(exp.mesh)
+def prepare(exp: Experiment, devices: list | None = None) -> Setup:
+  """Mesh (over `devices`, default all), sharded model and optimizer state, jitted steps."""
+  mesh = sharding.make_mesh(exp.mesh, devices)
   rules = sharding.make_rules(exp.mesh.rules)
   with sharding.use_rules(rules), jax.set_mesh(mesh):
     model = build(exp.model, mesh, seed=exp.train.seed, rules=rules)

@@ -63,7 +63,7 @@ def _forward(graphdef, params, rest, batch, *, train: bool):
   returned so the step can carry it. In evaluation (`model.eval()`: `deterministic=True` on
   every module that has the attribute) they must not.
   """
-  model = nnx.merge(graphdef, params, rest)
+  model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables: layers may update them in this trace
   if not train:
     model.eval()
   logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
@@ -124,8 +124,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
         "loss": ce,
         "z_loss": stats.pop("z_sum") / n_total,
         "tokens": stats.pop("tokens"),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "lr": lr(state.step),
         **stats,
     }

@@ -1,0 +1,110 @@
+"""The routed experts of one device's tokens: route -> dispatch -> grouped matmul -> combine.
+
+`routed_local` is the whole sparse part of the layer for the tokens a device holds. Without
+expert parallelism (`ep.size == 1`) it needs no communication. With it, each device holds
+E / ep experts and the dispatch exchanges rows with an all-to-all over the expert mesh axis
+(`jaxlm.layers.moe.parallel`); the result is the same as on one device.
+
+Paths, chosen by the config:
+  capacity (mode="capacity" or router="expert_choice")   fixed [E, sequences, C] slots; with
+      expert parallelism the slot buffer is split over devices as [ep, E/ep, ...] and sent
+      with one all-to-all each way (bytes = capacity factor x the minimum).
+  dropless, one device   sort by expert, grouped matmul, unsort, combine.
+  dropless, ep > 1       rows grouped by destination device and exchanged with a ragged
+      all-to-all (TPU/GPU), or a padded all-to-all on CPU whose chunks hold every row a device
+      could send (dropless must allow all tokens to pick one device's experts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import MoEConfig
+from jaxlm.layers.moe import layout as lay
+from jaxlm.layers.moe.gmm import block_rows_for, expert_swiglu
+from jaxlm.layers.moe.losses import Stats, router_stats
+from jaxlm.layers.moe.routing import ROUTERS, Routing, capacity, router_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertAxis:
+  """The mesh axes the experts are split over, as seen inside the shard_map."""
+
+  name: str | tuple[str, ...] | None = None  # mesh axis name(s); None: no expert parallelism
+  size: int = 1  # devices along it (experts per device = E / size)
+  ragged: bool = False  # dropless exchange with ragged_all_to_all (else a padded all_to_all)
+
+
+NO_EXPERT_AXIS = ExpertAxis()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+  """This device's experts: w_gate [E_loc, D, F], w_up [E_loc, D, F], w_down [E_loc, F, D]."""
+
+  w_gate_edf: jax.Array
+  w_up_edf: jax.Array
+  w_down_efd: jax.Array
+
+  def swiglu(self, x_md: jax.Array, group_sizes_e: jax.Array | None, *, backend: str, block_rows: int = 1) -> jax.Array:
+    return expert_swiglu(x_md, self.w_gate_edf, self.w_up_edf, self.w_down_efd, group_sizes_e, backend=backend, block_rows=block_rows)
+
+
+def routed_local(
+    x_bld: jax.Array,
+    mask_bl: jax.Array,
+    router_de: jax.Array,
+    experts: ExpertWeights,
+    *,
+    cfg: MoEConfig,
+    backend: str,
+    bias_e: jax.Array | None = None,
+    jitter_bld: jax.Array | None = None,
+    ep: ExpertAxis = NO_EXPERT_AXIS,
+) -> tuple[jax.Array, Stats]:
+  """(y [B, L, D] of the routed experts, this device's router stats)."""
+  b, l, d = x_bld.shape
+  t = b * l
+  logits_ble = router_logits(x_bld, router_de, jitter_bld)
+  routing = ROUTERS.get(cfg.router)(logits_ble, cfg, mask_bl=mask_bl, bias_e=bias_e)
+  x_td = x_bld.reshape(t, d)
+  if cfg.mode == "capacity" or cfg.router == "expert_choice":
+    layout = lay.capacity_layout(routing.expert_n, routing.token_n // l, cfg.n_experts, b, capacity(l, cfg))
+    y_nd = _capacity(x_td, routing, layout, experts, ep, backend)
+  elif ep.size == 1:
+    block = block_rows_for(backend, routing.expert_n.shape[0], cfg.n_experts, cfg.block_rows)
+    layout = lay.dropless_layout(routing.expert_n, cfg.n_experts, block)
+    x_md = lay.dispatch(x_td, layout, routing.token_n)
+    y_md = experts.swiglu(x_md, layout.group_sizes_e, backend=backend, block_rows=block)
+    y_nd = lay.gather_rows(y_md, layout)
+  else:
+    from jaxlm.layers.moe import parallel
+
+    exchange = parallel.dropless_ragged if ep.ragged else parallel.dropless_padded
+    layout, y_nd = exchange(x_td, routing, experts, ep, cfg=cfg, backend=backend)
+  y_td = lay.combine(y_nd, routing, t)
+  stats = router_stats(logits_ble.reshape(t, -1), routing, mask_bl.reshape(t), lay.dropped(layout, routing.expert_n, cfg.n_experts))
+  return y_td.reshape(b, l, d), stats
+
+
+def _capacity(x_td: jax.Array, routing: Routing, layout: lay.Layout, experts: ExpertWeights, ep: ExpertAxis, backend: str) -> jax.Array:
+  """Fixed-slot dispatch; the [E, G*C] slot buffer is split over devices as [ep, E_loc, G*C]."""
+  x_md = lay.dispatch(x_td, layout, routing.token_n)
+  if ep.size > 1:
+    e_loc = experts.w_gate_edf.shape[0]
+    x_md = _swap_device_expert(jax.lax.all_to_all(x_md, ep.name, 0, 0, tiled=True), ep.size, e_loc)
+    y_md = experts.swiglu(x_md, None, backend=backend)
+    y_md = jax.lax.all_to_all(_swap_device_expert(y_md, e_loc, ep.size), ep.name, 0, 0, tiled=True)
+  else:
+    y_md = experts.swiglu(x_md, None, backend=backend)
+  return lay.gather_rows(y_md, layout)
+
+
+def _swap_device_expert(x_md: jax.Array, n_outer: int, n_inner: int) -> jax.Array:
+  """Rows [outer, inner, S] -> [inner, outer, S]: after the exchange, received slots are
+  [source device, local expert, S]; the expert matmul wants each local expert's slots together."""
+  d = x_md.shape[-1]
+  return x_md.reshape(n_outer, n_inner, -1, d).swapaxes(0, 1).reshape(-1, d)

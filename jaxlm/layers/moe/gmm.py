@@ -1,0 +1,127 @@
+"""The grouped matmul of the experts, one function with registered backends.
+
+    grouped_matmul(x_mk, w_ekn, group_sizes_e, *, backend, block_rows) -> y_mn
+
+Rows of x are grouped by expert, groups contiguous and in expert order; group e has
+group_sizes_e[e] rows and is multiplied by w_ekn[e]. `group_sizes_e=None` means E equal groups
+of M / E rows (the [E, C, K] capacity buffer). Rows past sum(group_sizes_e) are zero.
+
+Backends:
+  ragged_dot       jax.lax.ragged_dot: native grouped matmul on TPU and GPU. On CPU XLA expands
+                   it to a dense masked matmul (E times the useful FLOPs).
+  capacity_einsum  fixed-capacity batched einsum. With equal groups: einsum over [E, C, K]. With
+                   ragged groups: rows sit in blocks of `block_rows` rows, each block holding one
+                   expert's rows (group sizes are multiples of block_rows; the dropless layout
+                   pads them), each block's weight is gathered and one batched einsum
+                   [G, b, K] x [G, K, N] runs over the blocks. The fastest on CPU.
+  pallas           pallas_kernels.gmm.grouped_matmul (Mosaic on TPU, Triton on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.errors import ConfigError
+from jaxlm.registry import Registry
+
+GMM: Registry = Registry("grouped matmul backend")
+
+
+@GMM.register("ragged_dot")
+def ragged_dot(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array | None, *, block_rows: int = 1) -> jax.Array:
+  del block_rows
+  e = w_ekn.shape[0]
+  if group_sizes_e is None:
+    group_sizes_e = jnp.full((e,), x_mk.shape[0] // e, jnp.int32)
+  return jax.lax.ragged_dot(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e.astype(jnp.int32))
+
+
+@GMM.register("capacity_einsum")
+def capacity_einsum(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array | None, *, block_rows: int = 1) -> jax.Array:
+  m, k = x_mk.shape
+  e, _, n = w_ekn.shape
+  w_ekn = w_ekn.astype(x_mk.dtype)
+  if group_sizes_e is None:
+    return jnp.einsum("eck,ekn->ecn", x_mk.reshape(e, m // e, k), w_ekn).reshape(m, n)
+  if m % block_rows:
+    raise ValueError(f"capacity_einsum: {m} rows are not a whole number of {block_rows}-row blocks")
+  g = m // block_rows
+  # Block j belongs to the expert whose group contains row j * block_rows (trailing empty blocks
+  # hold zero rows; they take the last expert and produce zeros).
+  ends = jnp.cumsum(group_sizes_e)
+  block_expert = jnp.searchsorted(ends, jnp.arange(g, dtype=ends.dtype) * block_rows, side="right")
+  w_gkn = jnp.take(w_ekn, jnp.minimum(block_expert, e - 1), axis=0)
+  return jnp.einsum("gbk,gkn->gbn", x_mk.reshape(g, block_rows, k), w_gkn).reshape(m, n)
+
+
+def _pallas_available() -> bool:
+  try:
+    import pallas_kernels.gmm  # noqa: F401
+  except ImportError:
+    return False
+  return hasattr(pallas_kernels.gmm, "grouped_matmul")
+
+
+def pallas(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array | None, *, block_rows: int = 1) -> jax.Array:
+  del block_rows
+  from pallas_kernels.gmm import grouped_matmul as pallas_gmm
+
+  e = w_ekn.shape[0]
+  if group_sizes_e is None:
+    group_sizes_e = jnp.full((e,), x_mk.shape[0] // e, jnp.int32)
+  return pallas_gmm(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e.astype(jnp.int32))
+
+
+if _pallas_available():
+  GMM.register("pallas", pallas)
+
+
+def resolve_backend(name: str, platform: str | None = None) -> str:
+  """'auto' -> capacity_einsum on CPU, pallas on TPU/GPU when available, else ragged_dot."""
+  if name != "auto":
+    if name not in GMM:
+      raise ConfigError(f"model.moe.gmm_backend: {name!r} is not available here; known: {', '.join(GMM.keys())}")
+    return name
+  platform = platform or jax.default_backend()
+  if platform == "cpu":
+    return "capacity_einsum"
+  return "pallas" if "pallas" in GMM else "ragged_dot"
+
+
+def block_rows_for(backend: str, n_rows: int, n_experts: int, block_rows: int = 0) -> int:
+  """Row multiple the dropless layout must pad each expert's group to for `backend`.
+
+  capacity_einsum wastes at most E * (b - 1) padding rows; the automatic b keeps that near
+  1/16 of the rows (and >= 8), so about 17 E blocks' weights are gathered per matmul.
+  """
+  if backend != "capacity_einsum":
+    return 1
+  if block_rows:
+    return block_rows
+  return max(8, 8 * math.ceil(n_rows / (16 * n_experts) / 8))
+
+
+def grouped_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array | None = None, *, backend: str = "auto", block_rows: int = 1) -> jax.Array:
+  """y[rows of group e] = x[rows of group e] @ w[e]; see the module docstring."""
+  fn: Callable[..., jax.Array] = GMM.get(resolve_backend(backend))
+  return fn(x_mk, w_ekn, group_sizes_e, block_rows=block_rows)
+
+
+def expert_swiglu(
+    x_md: jax.Array,
+    w_gate_edf: jax.Array,
+    w_up_edf: jax.Array,
+    w_down_efd: jax.Array,
+    group_sizes_e: jax.Array | None,
+    *,
+    backend: str,
+    block_rows: int = 1,
+) -> jax.Array:
+  """SwiGLU of each row with its expert's weights: (silu(x W_gate[e]) * (x W_up[e])) W_down[e]."""
+  mm = lambda a, w: grouped_matmul(a, w, group_sizes_e, backend=backend, block_rows=block_rows)
+  h_mf = jax.nn.silu(mm(x_md, w_gate_edf)) * mm(x_md, w_up_edf)
+  return mm(h_mf, w_down_efd)

@@ -1,0 +1,155 @@
+"""The `moe` FFN kind: token-choice (or expert-choice) sparse mixture of SwiGLU experts.
+
+    y = sum_{e in topk(x)} w_e(x) * SwiGLU_e(x)  [+ SwiGLU_shared(x)]
+
+Parameters (one layout for every MoE kind, DESIGN.md): router [D, E] (float32 math),
+w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D] with F = moe.d_ff_expert (fine-grained
+experts when small), and `n_shared_experts` always-on experts (DeepSeekMoE, Dai et al. 2024)
+held as one dense SwiGLU of width n_shared * F. Non-trainable state: the DeepSeek-V3 selection
+bias [E] (router "sigmoid_bias") and a step counter for the router jitter; both change only in
+training forward passes (`deterministic=False`), never in evaluation or decoding.
+
+`moe(params, x, cfg)` is the same layer as a pure function of an explicit parameter pytree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import Experiment, ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.layers.ffn import FFN
+from jaxlm.layers.mlp import MLP, swiglu
+from jaxlm.layers.moe.forward import ExpertWeights
+from jaxlm.layers.moe.gmm import GMM, resolve_backend
+from jaxlm.layers.moe.losses import Stats, aux_from_stats
+from jaxlm.layers.moe.parallel import routed_experts
+from jaxlm.layers.moe.routing import jitter_noise, update_bias
+from jaxlm.layers.params import normal, param
+from jaxlm.sharding import shard
+
+Aux = dict[str, dict[str, jax.Array]]
+
+
+class RouterState(nnx.Variable):
+  """Non-trainable router state (selection bias, jitter counter): updated outside the optimizer."""
+
+
+def resolve_all_to_all(name: str) -> str:
+  if name != "auto":
+    return name
+  return "padded" if jax.default_backend() == "cpu" else "ragged"
+
+
+def moe(
+    params: dict[str, Any],
+    x_bld: jax.Array,
+    cfg: ModelConfig,
+    *,
+    segment_ids: jax.Array | None = None,
+    jitter_key: jax.Array | None = None,
+) -> tuple[jax.Array, Aux, Stats]:
+  """Pure MoE layer: (y [B, L, D], aux, stats) from explicit params.
+
+  params: {"router": [D, E], "w_gate": [E, D, F], "w_up": [E, D, F], "w_down": [E, F, D],
+  optionally "bias": [E] (sigmoid_bias router) and "shared": {"w_gate", "w_up", "w_down"}}.
+  `jitter_key` enables the router jitter (training only). `stats` holds the batch-global
+  router sums, e.g. `stats["counts_e"]` for the DeepSeek-V3 bias update (`update_bias`).
+  """
+  m = cfg.moe
+  dt = jnp.dtype(cfg.dtype)
+  x_bld = x_bld.astype(dt)
+  mask_bl = jnp.ones(x_bld.shape[:2], bool) if segment_ids is None else segment_ids > 0
+  jitter = None
+  if jitter_key is not None and m.jitter > 0:
+    jitter = shard(jitter_noise(jitter_key, x_bld.shape, m.jitter), "batch", "seq", "embed")
+  experts = ExpertWeights(params["w_gate"], params["w_up"], params["w_down"])
+  y_bld, stats = routed_experts(
+      x_bld,
+      mask_bl,
+      params["router"],
+      experts,
+      cfg=m,
+      backend=resolve_backend(m.gmm_backend),
+      all_to_all=resolve_all_to_all(m.all_to_all),
+      bias_e=params.get("bias"),
+      jitter_bld=jitter,
+  )
+  y_bld = y_bld.astype(dt)
+  if "shared" in params:
+    s = params["shared"]
+    y_bld = y_bld + swiglu(x_bld, s["w_gate"], s["w_up"], s["w_down"])
+  return shard(y_bld, "batch", "seq", "embed"), aux_from_stats(stats, m), stats
+
+
+@FFN.register("moe")
+class MoE(nnx.Module):
+  """Sparse MoE FFN; `__call__(x_bld, segment_ids=None) -> (y_bld, aux)`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    m = cfg.moe
+    d, f, e = cfg.d_model, m.d_ff_expert or cfg.d_ff, m.n_experts
+    self.cfg = cfg
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 style scaling of residual outputs
+    self.router = param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype)
+    self.w_gate = param(rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), cfg.param_dtype)
+    self.w_up = param(rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), cfg.param_dtype)
+    self.w_down = param(rngs, normal(out_std), (e, f, d), ("expert", "mlp", "embed"), cfg.param_dtype)
+    self.shared = MLP(cfg, d_ff=m.n_shared_experts * f, rngs=rngs) if m.n_shared_experts else None
+    self.bias = RouterState(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False) if m.router == "sigmoid_bias" else None
+    if m.jitter > 0:  # raw key data and a counter (plain integer arrays checkpoint anywhere)
+      self.jitter_key = RouterState(jax.random.key_data(rngs.params()), out_sharding=(None,), eager_sharding=False)
+      self.jitter_step = RouterState(jnp.zeros((), jnp.uint32), out_sharding=(), eager_sharding=False)
+    else:
+      self.jitter_key = self.jitter_step = None
+    self.deterministic = False  # model.eval() sets True: no jitter, no bias update
+
+  # -- the FFN protocol ----------------------------------------------------------------------
+
+  @staticmethod
+  def d_ff_expert(cfg: ModelConfig) -> int:
+    return cfg.moe.d_ff_expert or cfg.d_ff
+
+  @staticmethod
+  def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Router + top-k routed experts + shared experts (matmul FLOPs only)."""
+    m, d = cfg.moe, cfg.d_model
+    f = MoE.d_ff_expert(cfg)
+    return 2 * d * m.n_experts + 2 * 3 * d * f * (m.top_k + m.n_shared_experts)
+
+  @staticmethod
+  def inactive_params(cfg: ModelConfig) -> int:
+    m = cfg.moe
+    return (m.n_experts - m.top_k) * 3 * cfg.d_model * MoE.d_ff_expert(cfg)
+
+  @staticmethod
+  def validate(exp: Experiment, mesh_shape: dict[str, int]) -> None:
+    """Mesh-dependent checks (ConfigError naming the field), run before a run writes anything."""
+    m = exp.model.moe
+    ep = mesh_shape.get("expert", 1)
+    if m.n_experts % ep:
+      raise ConfigError(f"model.moe.n_experts ({m.n_experts}) must be divisible by the expert mesh axis (mesh.expert = {ep})")
+    if m.gmm_backend not in ("auto",) + tuple(GMM.keys()):
+      raise ConfigError(f"model.moe.gmm_backend {m.gmm_backend!r} is not available here; known: auto, {', '.join(GMM.keys())}")
+
+  def __call__(self, x_bld: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+    del positions
+    with jax.named_scope("moe"):
+      params: dict[str, Any] = {"router": self.router[...], "w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
+      if self.bias is not None:
+        params["bias"] = self.bias[...]
+      if self.shared is not None:
+        params["shared"] = {"w_gate": self.shared.w_gate[...], "w_up": self.shared.w_up[...], "w_down": self.shared.w_down[...]}
+      key = None
+      if self.jitter_key is not None and not self.deterministic:
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.jitter_key[...]), self.jitter_step[...])
+        self.jitter_step[...] = self.jitter_step[...] + 1
+      y, aux, stats = moe(params, x_bld, self.cfg, segment_ids=segment_ids, jitter_key=key)
+      if self.bias is not None and not self.deterministic:
+        self.bias[...] = update_bias(self.bias[...], stats["counts_e"], self.cfg.moe.bias_update_rate)
+      return y, aux
+

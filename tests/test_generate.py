@@ -1,0 +1,76 @@
+"""Generation: the KV-cache loop equals recomputing the whole sequence; batching changes nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.generate import SamplingConfig, generate_tokens, sample_logits
+from jaxlm.models import Transformer
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, dtype="float32")
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def greedy_without_cache(model, prompt, n, n_allowed):
+  fwd = nnx.jit(lambda m, x: m(x)[0])
+  seq = list(prompt)
+  for _ in range(n):
+    logits = np.array(fwd(model, jnp.asarray([seq])))[0, -1]
+    logits[n_allowed:] = -np.inf
+    logits[[0, 1]] = -np.inf  # never pad or BOS
+    tok = int(np.argmax(logits))
+    if tok == EOS:
+      break
+    seq.append(tok)
+  return seq[len(prompt) :]
+
+
+def test_greedy_cache_decoding_equals_full_recompute(model):
+  prompt = [1, 17, 33, 5]
+  got = generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=10), n_allowed=60, eos_id=EOS)[0]
+  assert got == greedy_without_cache(model, prompt, 10, 60)
+
+
+def test_prompts_of_different_lengths_in_one_batch_equal_each_alone(model):
+  prompts = [[1, 9], [1, 40, 41, 42, 43, 44, 7], [1, 3, 3]]
+  cfg = SamplingConfig(max_new_tokens=6)
+  together = generate_tokens(model, prompts, cfg, n_allowed=64, eos_id=EOS)
+  alone = [generate_tokens(model, [p], cfg, n_allowed=64, eos_id=EOS)[0] for p in prompts]
+  assert together == alone
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+  prompts = [[1, 12, 13], [1, 50]]
+  greedy = generate_tokens(model, prompts, SamplingConfig(max_new_tokens=5), n_allowed=64, eos_id=EOS)
+  assert generate_tokens(model, prompts, SamplingConfig(max_new_tokens=5, temperature=1.0, top_k=1, seed=3), n_allowed=64, eos_id=EOS) == greedy
+  assert generate_tokens(model, prompts, SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=1e-6, seed=3), n_allowed=64, eos_id=EOS) == greedy
+
+
+def test_sampling_respects_top_k_top_p_and_temperature():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 4000)
+  draw = jax.vmap(lambda k, cfg=None: sample_logits(logits, k, SamplingConfig(temperature=1.0))[0])
+  counts = np.bincount(np.asarray(draw(keys)), minlength=4) / 4000
+  np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+  top2 = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, SamplingConfig(temperature=1.0, top_k=2))[0])(keys))
+  assert set(top2) == {0, 1}
+  nucleus = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, SamplingConfig(temperature=1.0, top_p=0.85))[0])(keys))
+  assert set(nucleus) == {0, 1, 2}  # 0.5 + 0.3 < 0.85, so the third token is needed; the fourth is not
+  cold = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, SamplingConfig(temperature=0.05))[0])(keys))
+  assert (cold == 0).mean() > 0.99
+
+
+def test_bad_sampling_settings():
+  with pytest.raises(ConfigError, match="top_p"):
+    SamplingConfig(top_p=0)
+  with pytest.raises(ConfigError, match="temperature"):
+    SamplingConfig(temperature=-1)
