@@ -127,3 +127,67 @@ def random_group_sizes(
 def normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, scale: float = 1.0) -> jax.Array:
   """N(0, scale^2) samples rounded to dtype."""
   return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering checks without hardware (shared by tests/pallas_kernels/test_lowering.py and the
+# benchmark's report): each public op under implementation="pallas", forward and VJP.
+
+# The custom call each platform's Pallas kernels lower to.
+KERNEL_CALL = {"tpu": "@tpu_custom_call", "cuda": "@__gpu$xla.gpu.triton"}
+
+
+def export_for(platform: str, fn: Any, args: tuple[Any, ...]) -> Any:
+  """`jax.export` of jit(fn) for one platform.
+
+  Triton custom calls carry no serialization-compatibility guarantee, so `jax.export`
+  refuses them unless that safety check is disabled; lowering itself is unaffected.
+  """
+  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  return jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args)
+
+
+def lowering_cases() -> dict[str, tuple[Any, tuple[Any, ...], int]]:
+  """name -> (function, operand structs, kernel launches it must lower to)."""
+  import pallas_kernels as pk  # pylint: disable=g-import-not-at-top
+
+  s = jax.ShapeDtypeStruct
+  bf16, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
+
+  def grad(fn, argnums):
+    # A loss that needs the forward output, so the forward kernel is not dead code.
+    return jax.grad(lambda *a: jnp.sum(jnp.square(fn(*a).astype(jnp.float32))), argnums)
+
+  def routing(logits):
+    return pk.topk_route(
+        logits, 8, mode="sigmoid", bias_e=jnp.zeros(64), implementation="pallas"
+    ).weights
+
+  def gmm(x, w, gs):
+    return pk.grouped_matmul(x, w, gs, implementation="pallas")
+
+  def tgmm(x, dy, gs):
+    return pk.transposed_grouped_matmul(x, dy, gs, implementation="pallas")
+
+  def merge(w, e):
+    return pk.merge_experts(w, e, implementation="pallas")
+
+  def merged_matmul(x, w, e):
+    return pk.merged_matmul(x, w, e, implementation="pallas")
+
+  logits = (s((1024, 64), bf16),)
+  gmm_args = (s((512, 256), bf16), s((8, 256, 384), bf16), s((8,), i32))
+  tgmm_args = (s((512, 256), bf16), s((512, 384), bf16), s((8,), i32))
+  merge_args = (s((8, 8), f32), s((8, 256, 512), bf16))
+  fused_args = (s((4, 128, 256), bf16), s((4, 8), f32), s((8, 256, 512), bf16))
+  return {
+      "routing": (routing, logits, 1),
+      "routing_vjp": (grad(routing, 0), logits, 1),
+      "gmm": (gmm, gmm_args, 1),
+      "gmm_vjp": (grad(gmm, (0, 1)), gmm_args, 3),  # gmm, gmm with w^T, tgmm
+      "tgmm": (tgmm, tgmm_args, 1),
+      "merge": (merge, merge_args, 1),
+      "merge_vjp": (grad(merge, (0, 1)), merge_args, 3),  # merge, merge with w^T, dw
+      "merged_matmul": (merged_matmul, fused_args, 1),
+      "merged_matmul_vjp": (grad(merged_matmul, (0, 1, 2)), fused_args, 4),
+  }
