@@ -103,7 +103,7 @@ class MoE(nnx.Module):
     self.bias = RouterState(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False) if m.router == "sigmoid_bias" else None
     if m.jitter > 0:  # raw key data and a counter (plain integer arrays checkpoint anywhere)
       self.jitter_key = RouterState(jax.random.key_data(rngs.params()), out_sharding=(None,), eager_sharding=False)
-      self.jitter_step = RouterState(jnp.zeros((), jnp.uint32), out_sharding=(), eager_sharding=False)
+      self.jitter_step = RouterState(jnp.zeros((1,), jnp.uint32), out_sharding=(None,), eager_sharding=False)
     else:
       self.jitter_key = self.jitter_step = None
     self.deterministic = False  # model.eval() sets True: no jitter, no bias update
@@ -146,7 +146,7 @@ class MoE(nnx.Module):
         params["shared"] = {"w_gate": self.shared.w_gate[...], "w_up": self.shared.w_up[...], "w_down": self.shared.w_down[...]}
       key = None
       if self.jitter_key is not None and not self.deterministic:
-        key = jax.random.fold_in(jax.random.wrap_key_data(self.jitter_key[...]), self.jitter_step[...])
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.jitter_key[...]), self.jitter_step[0])
         self.jitter_step[...] = self.jitter_step[...] + 1
       y, aux, stats = moe(params, x_bld, self.cfg, segment_ids=segment_ids, jitter_key=key)
       if self.bias is not None and not self.deterministic:
