@@ -8,10 +8,11 @@ Figures (goals from issue 6), each a ratio measured in one interleaved run:
   (goal >= 0.7), with the XLA einsum beside it; also merged_matmul vs merge + einsum.
 * routing: time of the fused routing op / time of the XLA reference (goal <= 0.5).
 
-Runs on whatever backend jax finds and times `implementation=None` (the kernel on TPU/GPU,
-XLA elsewhere). On a CPU the kernels only exist in interpret mode, so the accelerator figures
-stay open; the file then records interpret-mode correctness at the "tiny" shapes and the
-TPU/CUDA lowering checks instead. Writes benchmarks/results/kernels.json.
+Runs on whatever backend jax finds. On TPU/GPU it times implementation="pallas" (the Mosaic
+or Triton kernel) against the XLA baselines. On a CPU the kernels only exist in interpret mode,
+so it times implementation="xla" there, the accelerator figures stay open, and the file records
+interpret-mode correctness at the "tiny" shapes and the TPU/CUDA lowering checks instead.
+Writes benchmarks/results/kernels.json.
 
 Usage: python -m benchmarks.run kernels [--rounds=N] [--shapes=name,name]
 """
@@ -69,16 +70,27 @@ def _operands(shape_key: int, *shapes_dtypes):
   return [testing.normal(k, s, d) for k, (s, d) in zip(keys, shapes_dtypes)]
 
 
-def bench_gmm(name: str, shape: testing.GmmShape, dtype: Any, rounds: int) -> dict[str, Any]:
+def bench_gmm(
+    name: str, shape: testing.GmmShape, dtype: Any, rounds: int, impl: str
+) -> dict[str, Any]:
   m, k, n, e = shape.m, shape.k, shape.n, shape.experts
   x, w, dy = _operands(0, ((m, k), dtype), ((e, k, n), dtype), ((m, n), dtype))
   gs = jnp.full((e,), m // e, jnp.int32).at[0].add(m - (m // e) * e)  # balanced routing
   times = interleaved_times(
       {
-          "gmm": _ready(lambda x, w, g: pk.grouped_matmul(x, w, g), x, w, gs),
+          "gmm": _ready(
+              lambda x, w, g: pk.grouped_matmul(x, w, g, implementation=impl), x, w, gs
+          ),
           "ragged_dot": _ready(jax.lax.ragged_dot, x, w, gs),
           "dense": _ready(lambda x, w: x @ w[0], x, w),
-          "tgmm": _ready(lambda x, d, g: pk.transposed_grouped_matmul(x, d, g), x, dy, gs),
+          "tgmm": _ready(
+              lambda x, d, g: pk.transposed_grouped_matmul(x, d, g, implementation=impl),
+              x, dy, gs,
+          ),
+          "tgmm_xla": _ready(
+              lambda x, d, g: pk.transposed_grouped_matmul(x, d, g, implementation="xla"),
+              x, dy, gs,
+          ),
           "dense_t": _ready(lambda x, d: x.T @ d, x, dy),
       },
       rounds=rounds,
@@ -92,29 +104,31 @@ def bench_gmm(name: str, shape: testing.GmmShape, dtype: Any, rounds: int) -> di
       "gmm_over_dense": tflops["gmm"] / tflops["dense"],
       "ragged_dot_over_dense": tflops["ragged_dot"] / tflops["dense"],
       "tgmm_over_dense": tflops["tgmm"] / tflops["dense_t"],
+      "tgmm_xla_over_dense": tflops["tgmm_xla"] / tflops["dense_t"],
   }
 
 
 def bench_merge(
-    name: str, shape: testing.MergeShape, dtype: Any, rounds: int, peak: float | None
+    name: str, shape: testing.MergeShape, dtype: Any, rounds: int, peak: float | None, impl: str
 ) -> dict[str, Any]:
   s, e, d, f, l = shape.segments, shape.experts, shape.d, shape.f, shape.length
   experts, x = _operands(1, ((e, d, f), dtype), ((s, l, d), dtype))
   weights = jax.nn.softmax(testing.normal(jax.random.key(2), (s, e), jnp.float32), axis=-1)
   times = interleaved_times(
       {
-          "merge": _ready(lambda w, x: pk.merge_experts(w, x), weights, experts),
+          "merge": _ready(
+              lambda w, x: pk.merge_experts(w, x, implementation=impl), weights, experts
+          ),
           "xla_einsum": _ready(
               lambda w, x: jnp.einsum(
                   "se,edf->sdf", w.astype(x.dtype), x, preferred_element_type=jnp.float32
               ).astype(x.dtype),
               weights, experts,
           ),
-          "merged_matmul": _ready(lambda x, w, e: pk.merged_matmul(x, w, e), x, weights, experts),
-          "merge_then_einsum": _ready(
-              lambda x, w, e: jnp.einsum("sld,sdf->slf", x, pk.merge_experts(w, e)),
-              x, weights, experts,
+          "merged_matmul": _ready(
+              lambda x, w, e: pk.merged_matmul(x, w, e, implementation=impl), x, weights, experts
           ),
+          "xla_merge_then_einsum": _ready(pk.merged_matmul_reference, x, weights, experts),
       },
       rounds=rounds,
   )
@@ -130,19 +144,21 @@ def bench_merge(
       "hbm_peak_gbps": None if peak is None else peak / 1e9,
       "merge_over_peak": None if peak is None else gbps["merge"] * 1e9 / peak,
       "xla_einsum_over_peak": None if peak is None else gbps["xla_einsum"] * 1e9 / peak,
-      "merged_matmul_over_merge_then_einsum": times["merged_matmul"] / times["merge_then_einsum"],
+      "merged_matmul_time_over_xla": times["merged_matmul"] / times["xla_merge_then_einsum"],
   }
 
 
 def bench_routing(
-    name: str, shape: testing.RoutingShape, dtype: Any, rounds: int
+    name: str, shape: testing.RoutingShape, dtype: Any, rounds: int, impl: str
 ) -> dict[str, Any]:
   (logits,) = _operands(3, ((shape.tokens, shape.experts), dtype))
   bias = jnp.zeros((shape.experts,), jnp.float32) if shape.mode == "sigmoid" else None
   kw = dict(mode=shape.mode, bias_e=bias)
   times = interleaved_times(
       {
-          "routing": _ready(lambda x: pk.topk_route(x, shape.k, **kw), logits),
+          "routing": _ready(
+              lambda x: pk.topk_route(x, shape.k, implementation=impl, **kw), logits
+          ),
           "xla_reference": _ready(lambda x: pk.topk_route_reference(x, shape.k, **kw), logits),
       },
       rounds=rounds,
@@ -237,23 +253,25 @@ def main(argv: list[str]) -> None:
   rounds = args.rounds or (5 if on_cpu else 20)
   dtype = jnp.float32 if on_cpu else jnp.bfloat16  # XLA:CPU has no fast bf16 matmul
   peak = hbm_peak(device_kind)
-  implementation = {"tpu": "pallas (Mosaic TPU)", "gpu": "pallas (Triton)"}.get(backend, "xla")
+  impl = "xla" if on_cpu else "pallas"
 
   results: dict[str, Any] = {
       "goals": GOALS,
-      "timed_implementation": implementation,
+      "timed_implementation": {
+          "tpu": "pallas (Mosaic TPU)", "gpu": "pallas (Triton)"
+      }.get(backend, "xla (the kernels run only in interpret mode here)"),
       "status": (
-          "CPU only: timings are of the XLA paths (implementation=None falls back to XLA); the"
-          " GPU/TPU kernel figures are still open. Interpret-mode correctness and the TPU/CUDA"
-          " lowering checks are recorded instead."
+          "CPU only: the timings are of the XLA paths; the GPU/TPU kernel figures are still"
+          " open. Interpret-mode correctness and the TPU/CUDA lowering checks are recorded"
+          " instead."
           if on_cpu else f"measured on {device_kind}"
       ),
       "gmm": [], "merge": [], "routing": [],
   }
   benches = [
-      ("gmm", testing.GMM_SHAPES, lambda n, s: bench_gmm(n, s, dtype, rounds)),
-      ("merge", testing.MERGE_SHAPES, lambda n, s: bench_merge(n, s, dtype, rounds, peak)),
-      ("routing", testing.ROUTING_SHAPES, lambda n, s: bench_routing(n, s, dtype, rounds)),
+      ("gmm", testing.GMM_SHAPES, lambda n, s: bench_gmm(n, s, dtype, rounds, impl)),
+      ("merge", testing.MERGE_SHAPES, lambda n, s: bench_merge(n, s, dtype, rounds, peak, impl)),
+      ("routing", testing.ROUTING_SHAPES, lambda n, s: bench_routing(n, s, dtype, rounds, impl)),
   ]
   for op, shapes, bench in benches:
     for name, shape in _selected(shapes, args.shapes, on_cpu).items():

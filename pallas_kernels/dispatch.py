@@ -10,7 +10,7 @@ lowers the real Mosaic kernel rather than the CPU fallback.
 
 Implementation names:
 
-* `None` (auto): Mosaic on TPU, Triton on CUDA, the XLA implementation elsewhere.
+* `None` (auto): the kernel on the platforms in `AUTO_KERNEL_PLATFORMS`, XLA elsewhere.
 * `"xla"`: the XLA implementation everywhere.
 * `"pallas"`: Mosaic on TPU, Triton on CUDA, the Mosaic kernel in interpret mode elsewhere
   (so `"pallas"` on CPU runs the kernel in interpret mode).
@@ -25,6 +25,13 @@ from typing import Any, Callable, Literal
 import jax
 
 from pallas_kernels import common
+
+# Platforms where implementation=None runs the Pallas kernel. TPU: the Mosaic kernels compile
+# with libtpu for a real topology (tests/pallas_kernels/test_tpu_aot.py). CUDA: the Triton
+# kernels lower to Triton IR and pass in interpret mode, but have not yet been compiled or
+# timed on a GPU; add "cuda" once benchmarks/kernels.py on an H100 shows them correct and
+# faster than XLA. "pallas" selects them explicitly meanwhile.
+AUTO_KERNEL_PLATFORMS: tuple[str, ...] = ("tpu",)
 
 Implementation = Literal["xla", "pallas", "pallas_tpu", "pallas_gpu"] | None
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
@@ -67,6 +74,7 @@ def select(
   branches: dict[str, Callable[..., Any]]
   if implementation is None:
     branches = dict(tpu=compiled_tpu, cuda=compiled_gpu, default=xla)
+    branches = {p: fn for p, fn in branches.items() if p in (*AUTO_KERNEL_PLATFORMS, "default")}
   elif implementation == "pallas":
     branches = dict(tpu=compiled_tpu, cuda=compiled_gpu, default=kernel(tpu, True))
   elif implementation == "pallas_tpu":

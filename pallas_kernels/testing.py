@@ -45,6 +45,16 @@ def assert_close(actual: Any, expected: Any, dtype: Any, reduction: int = 1, err
   )
 
 
+# XLA:CPU options for tests: interpret-mode kernels are big programs, and at test sizes
+# compiling them dominates; without LLVM's expensive passes it is 3-4x faster.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit(fn: Any, **kwargs: Any) -> Any:
+  """`jax.jit` with `FAST_COMPILE`: what the kernel tests compile with."""
+  return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class RoutingShape:
   """Router logits [tokens, experts], top-k, and the model's routing mode."""

@@ -8,11 +8,11 @@ matmul with the weights. Precision: see `precision.weighted_sum` (float32 weight
 split into two 16-bit MXU passes for 16-bit experts; float32 accumulation).
 
 Kernels:
-* `merge(w_se, x_edf)` -> [S,D,F]: grid (D/bd, F/bf), both parallel. Also the experts'
-  gradient: d_experts = merge(weights.T, d_merged).
+* `merge(w_se, x_edf)` -> [S,D,F]: grid (S/bs, D/bd, F/bf), all parallel (bs = S up to
+  256). Also the experts' gradient: d_experts = merge(weights.T, d_merged).
 * `merge_weights_grad(g_sdf, x_edf)` -> [S,E] float32, the weights' gradient
-  sum_{d,f} g[s,d,f] x[e,d,f]: grid (D/bd parallel, F/bf arbitrary), one [S,E] partial per
-  D block summed in XLA. Edge blocks are masked (garbage there would poison the sum).
+  sum_{d,f} g[s,d,f] x[e,d,f]: grid (S/bs, D/bd parallel, F/bf arbitrary), one [S,E]
+  partial per D block summed in XLA. Edge blocks are masked (garbage there would poison the sum).
 * `merged_matmul(x_sld, w_se, x_edf)` -> [S,L,F]: grid (S/bs, L/bl, F/bf, D/bd), D last
   (arbitrary) with an [bs, bl, bf] float32 accumulator. Each step merges an [E, bd, bf]
   expert block for bs segments at once (so HBM traffic for the experts is S/bs * L/bl * E*D*F
@@ -38,14 +38,22 @@ from pallas_kernels.merge.precision import weighted_sum
 
 VMEM_BUDGET = 12 * 2**20  # bytes of blocks and temporaries per grid step, under the 16 MiB default
 DEFAULT_BLOCK_F = 512
+MAX_BLOCK_ROWS = 256  # segments per block; more segments get a grid dim of their own
 
 
-def _blocks(a: int, e: int, d: int, f: int, itemsize: int, block_f: int) -> tuple[int, int]:
-  """(bd, bf) so that double-buffered [E,bd,bf] + [A,bd,bf] blocks and f32 temps fit VMEM."""
+def _blocks(a: int, e: int, d: int, f: int, itemsize: int, block_f: int):
+  """(ba, bd, bf) so double-buffered [E,bd,bf] + [ba,bd,bf] blocks and f32 temps fit VMEM.
+
+  `a` is the output-row dim (segments), `e` the contraction (experts): e must stay whole, so
+  the contraction is limited to a few hundred (VMEM_BUDGET / (16 * 128 * 12 bytes) ~ 500).
+  """
+  ba = a if a <= MAX_BLOCK_ROWS else MAX_BLOCK_ROWS
+  per_elem = (e + ba) * (2 * itemsize + 4)
   bf = common.tpu_block(f, block_f, 128)
-  per_elem = (e + a) * (2 * itemsize + 4)
+  while bf > 128 and per_elem * bf * 16 > VMEM_BUDGET:
+    bf = max(128, bf // 2 // 128 * 128)
   bd = max(16, (VMEM_BUDGET // (per_elem * bf)) // 16 * 16)
-  return (d if d <= bd else bd), bf
+  return ba, (d if d <= bd else bd), bf
 
 
 def _merge_kernel(w_ref, x_ref, out_ref):
@@ -73,19 +81,19 @@ def merge(
   """
   s, e = w_se.shape
   _, d, f = x_edf.shape
-  bd, bf = _blocks(s, e, d, f, x_edf.dtype.itemsize, block_f)
+  bs, bd, bf = _blocks(s, e, d, f, x_edf.dtype.itemsize, block_f)
   if block_d is not None:
     bd = common.tpu_block(d, block_d, 16)
   return pl.pallas_call(
       _merge_kernel,
-      grid=(common.cdiv(d, bd), common.cdiv(f, bf)),
+      grid=(common.cdiv(s, bs), common.cdiv(d, bd), common.cdiv(f, bf)),
       in_specs=[
-          pl.BlockSpec((s, e), lambda i, j: (0, 0)),
-          pl.BlockSpec((e, bd, bf), lambda i, j: (0, i, j)),
+          pl.BlockSpec((bs, e), lambda h, i, j: (h, 0)),
+          pl.BlockSpec((e, bd, bf), lambda h, i, j: (0, i, j)),
       ],
-      out_specs=pl.BlockSpec((s, bd, bf), lambda i, j: (0, i, j)),
+      out_specs=pl.BlockSpec((bs, bd, bf), lambda h, i, j: (h, i, j)),
       out_shape=common.out_struct((s, d, f), x_edf.dtype, w_se, x_edf),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
       cost_estimate=pl.CostEstimate(
           flops=2 * s * e * d * f, transcendentals=0,
           bytes_accessed=(e + s) * d * f * x_edf.dtype.itemsize,
@@ -96,7 +104,7 @@ def merge(
 
 
 def _weights_grad_kernel(g_ref, x_ref, out_ref, *, d: int, f: int):
-  i, j = pl.program_id(0), pl.program_id(1)
+  i, j = pl.program_id(1), pl.program_id(2)
 
   @pl.when(j == 0)
   def _init():
@@ -135,20 +143,22 @@ def merge_weights_grad(
   """
   s, d, f = g_sdf.shape
   e = x_edf.shape[0]
-  bd, bf = _blocks(s, e, d, f, x_edf.dtype.itemsize, block_f)
+  bs, bd, bf = _blocks(s, e, d, f, x_edf.dtype.itemsize, block_f)
   if block_d is not None:
     bd = common.tpu_block(d, block_d, 16)
   num_d = common.cdiv(d, bd)
   partial_sums = pl.pallas_call(
       functools.partial(_weights_grad_kernel, d=d, f=f),
-      grid=(num_d, common.cdiv(f, bf)),
+      grid=(common.cdiv(s, bs), num_d, common.cdiv(f, bf)),
       in_specs=[
-          pl.BlockSpec((s, bd, bf), lambda i, j: (0, i, j)),
-          pl.BlockSpec((e, bd, bf), lambda i, j: (0, i, j)),
+          pl.BlockSpec((bs, bd, bf), lambda h, i, j: (h, i, j)),
+          pl.BlockSpec((e, bd, bf), lambda h, i, j: (0, i, j)),
       ],
-      out_specs=pl.BlockSpec((None, s, e), lambda i, j: (i, 0, 0)),
+      out_specs=pl.BlockSpec((None, bs, e), lambda h, i, j: (i, h, 0)),
       out_shape=common.out_struct((num_d, s, e), jnp.float32, g_sdf, x_edf),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")
+      ),
       cost_estimate=pl.CostEstimate(
           flops=2 * s * e * d * f, transcendentals=0,
           bytes_accessed=(e + s) * d * f * x_edf.dtype.itemsize,

@@ -93,13 +93,15 @@ def topk_route(
     k: experts per token.
     mode: "softmax_topk", "topk_softmax" or "sigmoid".
     renormalize: divide the weights by their sum.
-    block_t: tokens per program, a power of two.
+    block_t: tokens per program, a power of two (lowered for many experts).
     interpret: run in Pallas interpret mode (CPU).
 
   Returns:
     `Routing` (see `reference.Routing`).
   """
   num_tokens, num_experts = logits_te.shape
+  # Keep a [block_t, E_pad] tile within ~4K elements: several live copies sit in registers.
+  block_t = min(block_t, max(16, 4096 // common.next_pow2(num_experts)))
   block_t = common.triton_block(num_tokens, block_t)
   num_blocks = common.cdiv(num_tokens, block_t)
   kernel = functools.partial(

@@ -56,7 +56,9 @@ def _kernel(
   rows = jax.lax.broadcasted_iota(jnp.int32, (block_t, block_t), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (block_t, block_t), 1)
   earlier_tt = jnp.where(cols < rows, 1.0, 0.0).astype(jnp.bfloat16)
-  before_te = jnp.dot(earlier_tt, chosen_te.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  before_te = jnp.dot(
+      earlier_tt, chosen_te.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+  )
   rank = jnp.zeros((block_t, k), jnp.int32)
   for j, hit in enumerate(hits):
     r = jnp.sum(jnp.where(hit, before_te, 0.0), axis=1, keepdims=True).astype(jnp.int32)

@@ -32,7 +32,7 @@ GROUP_SIZES = {
 
 
 def _jit_gmm(impl, **kw):
-  return jax.jit(lambda x, w, gs: gmm.grouped_matmul(x, w, gs, implementation=impl, **kw))
+  return testing.jit(lambda x, w, gs: gmm.grouped_matmul(x, w, gs, implementation=impl, **kw))
 
 
 @pytest.mark.parametrize("case", list(GROUP_SIZES))
@@ -72,8 +72,8 @@ def test_vjp_matches_reference(impl, dtype):
     return lambda x, w: jnp.sum(fn(x, w, gs).astype(jnp.float32) * dy.astype(jnp.float32))
 
   ours = lambda x, w, gs: gmm.grouped_matmul(x, w, gs, implementation=impl)
-  dx, dw = jax.jit(jax.grad(loss(ours), (0, 1)))(x, w)
-  want_dx, want_dw = jax.jit(jax.grad(loss(gmm.grouped_matmul_reference), (0, 1)))(x, w)
+  dx, dw = testing.jit(jax.grad(loss(ours), (0, 1)))(x, w)
+  want_dx, want_dw = testing.jit(jax.grad(loss(gmm.grouped_matmul_reference), (0, 1)))(x, w)
   assert dx.dtype == dtype and dw.dtype == dtype
   testing.assert_close(dx, want_dx, dtype, reduction=SHAPE.n)
   testing.assert_close(dw, want_dw, dtype, reduction=SHAPE.m)
@@ -86,7 +86,7 @@ def test_vjp_matches_reference(impl, dtype):
 def test_tgmm_matches_reference(impl, dtype):
   x, _, dy = _operands(dtype)
   gs = jnp.array(GROUP_SIZES["rows_past_end"], jnp.int32)
-  got = jax.jit(
+  got = testing.jit(
       lambda x, dy, gs: gmm.transposed_grouped_matmul(x, dy, gs, implementation=impl)
   )(x, dy, gs)
   want = gmm.transposed_grouped_matmul_reference(x, dy, gs)
@@ -104,8 +104,8 @@ def test_tgmm_vjp(impl):
     return lambda x, dy: jnp.sum(fn(x, dy, gs) * cot)
 
   ours = lambda x, dy, gs: gmm.transposed_grouped_matmul(x, dy, gs, implementation=impl)
-  got = jax.jit(jax.grad(loss(ours), (0, 1)))(x, dy)
-  want = jax.jit(jax.grad(loss(gmm.transposed_grouped_matmul_reference), (0, 1)))(x, dy)
+  got = testing.jit(jax.grad(loss(ours), (0, 1)))(x, dy)
+  want = testing.jit(jax.grad(loss(gmm.transposed_grouped_matmul_reference), (0, 1)))(x, dy)
   testing.assert_close(got[0], want[0], jnp.float32, reduction=SHAPE.n)
   testing.assert_close(got[1], want[1], jnp.float32, reduction=SHAPE.k)
 
@@ -117,7 +117,7 @@ def test_kernels_with_small_tiles(kernel, tiling):
   """Many row tiles, tiles straddling several groups, partial K and N tiles, rhs transposed."""
   x, w, dy = _operands(jnp.float32)
   gs = jnp.array([3, 0, 40, 1, 200], jnp.int32)
-  run = jax.jit(
+  run = testing.jit(
       lambda x, w, dy, gs: (
           kernel.gmm(x, w, gs, out_dtype=jnp.float32, tiling=tiling, interpret=True),
           kernel.gmm(

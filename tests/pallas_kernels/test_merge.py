@@ -32,13 +32,13 @@ def test_merge_forward_and_vjp(impl, dtype):
     return lambda w, e: jnp.sum(fn(w, e).astype(jnp.float32) * cot)
 
   ours = lambda w, e: merge.merge_experts(w, e, implementation=impl)
-  got = jax.jit(ours)(weights, experts)
+  got = testing.jit(ours)(weights, experts)
   assert got.dtype == dtype
   testing.assert_close(
       got, merge.merge_experts_reference(weights, experts), dtype, reduction=SHAPE.experts
   )
-  dw, de = jax.jit(jax.grad(loss(ours), (0, 1)))(weights, experts)
-  want_dw, want_de = jax.jit(jax.grad(loss(merge.merge_experts_reference), (0, 1)))(
+  dw, de = testing.jit(jax.grad(loss(ours), (0, 1)))(weights, experts)
+  want_dw, want_de = testing.jit(jax.grad(loss(merge.merge_experts_reference), (0, 1)))(
       weights, experts
   )
   assert dw.dtype == jnp.float32 and de.dtype == dtype
@@ -52,7 +52,7 @@ def test_one_hot_weights_pick_an_expert_exactly(impl):
   """Soft merging with one-hot weights is the sparse expert itself, bit for bit."""
   _, experts, _, _ = _operands(jnp.bfloat16)
   weights = jax.nn.one_hot(jnp.array([2, 0, 1, 2, 1]), SHAPE.experts)
-  got = merge.merge_experts(weights, experts, implementation=impl)
+  got = testing.jit(lambda w, e: merge.merge_experts(w, e, implementation=impl))(weights, experts)
   np.testing.assert_array_equal(got, experts[jnp.array([2, 0, 1, 2, 1])])
 
 
@@ -66,11 +66,11 @@ def test_merged_matmul_forward_and_vjp(impl, dtype):
     return lambda x, w, e: jnp.sum(fn(x, w, e).astype(jnp.float32) * cot)
 
   ours = lambda x, w, e: merge.merged_matmul(x, w, e, implementation=impl)
-  got = jax.jit(ours)(x, weights, experts)
+  got = testing.jit(ours)(x, weights, experts)
   want = merge.merged_matmul_reference(x, weights, experts)
   testing.assert_close(got, want, dtype, reduction=SHAPE.d)
-  grads = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(x, weights, experts)
-  want_grads = jax.jit(jax.grad(loss(merge.merged_matmul_reference), (0, 1, 2)))(
+  grads = testing.jit(jax.grad(loss(ours), (0, 1, 2)))(x, weights, experts)
+  want_grads = testing.jit(jax.grad(loss(merge.merged_matmul_reference), (0, 1, 2)))(
       x, weights, experts
   )
   for name, g, w, n in zip(
@@ -94,7 +94,7 @@ def test_kernels_with_small_blocks(backend, dtype):
     small = dict(block_n=512)
     fused = dict(block_l=16, block_d=16, block_f=64)
     kernels = merge_gpu
-  run = jax.jit(
+  run = testing.jit(
       lambda w, e, x, g: (
           kernels.merge(w, e, interpret=True, **small),
           kernels.merge_weights_grad(g, e, interpret=True, **small),
@@ -116,17 +116,37 @@ def test_tpu_merged_matmul_partial_d_block():
   """D=300 with 128-wide D blocks: the kernel must mask the garbage past D in both operands."""
   shape = testing.MergeShape(segments=3, experts=2, d=300, f=128, length=16)
   weights, experts, x, _ = _operands(jnp.float32, shape)
-  got = merge_tpu.merged_matmul(x, weights, experts, block_d=128, interpret=True)
+  got = testing.jit(
+      lambda x, w, e: merge_tpu.merged_matmul(x, w, e, block_d=128, interpret=True)
+  )(x, weights, experts)
   testing.assert_close(
       got, merge.merged_matmul_reference(x, weights, experts), jnp.float32, reduction=shape.d
   )
+
+
+def test_tpu_merge_tiles_many_segments():
+  """S=300 > 256 segments: the TPU merge kernels tile S too (one partial S block)."""
+  shape = testing.MergeShape(segments=300, experts=3, d=16, f=128, length=1)
+  weights, experts, _, kg = _operands(jnp.float32, shape)
+  g = testing.normal(kg, (300, 16, 128), jnp.float32)
+  merged, dw = testing.jit(
+      lambda w, e, g: (
+          merge_tpu.merge(w, e, interpret=True),
+          merge_tpu.merge_weights_grad(g, e, interpret=True),
+      )
+  )(weights, experts, g)
+  testing.assert_close(merged, merge.merge_experts_reference(weights, experts), jnp.float32, 3)
+  want_dw = jnp.einsum("sdf,edf->se", g, experts, precision="highest")
+  testing.assert_close(dw, want_dw, jnp.float32, reduction=16 * 128)
 
 
 def test_auto_and_pallas_agree_with_reference():
   weights, experts, _, _ = _operands(jnp.float32)
   want = merge.merge_experts_reference(weights, experts)
   for impl in (None, "pallas"):
-    got = merge.merge_experts(weights, experts, implementation=impl)
+    got = testing.jit(lambda w, e: merge.merge_experts(w, e, implementation=impl))(
+        weights, experts
+    )
     testing.assert_close(got, want, jnp.float32, reduction=SHAPE.experts)
 
 
@@ -169,7 +189,7 @@ def test_vjp_through_shard_map_matches_unsharded(impl, check_vma):
       out_specs=P(),
       check_vma=check_vma,
   )
-  dw, de = jax.jit(jax.grad(sharded_loss, (0, 1)))(weights, experts, cot)
+  dw, de = testing.jit(jax.grad(sharded_loss, (0, 1)))(weights, experts, cot)
   want_dw, want_de = jax.grad(
       lambda w, e: jnp.sum(merge.merge_experts_reference(w, e) * cot), (0, 1)
   )(weights, experts)

@@ -1,5 +1,7 @@
 """topk_route against its reference, for every implementation (kernels in interpret mode)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +26,7 @@ def _bias(shape=SHAPE):
 
 def _route(fn, logits, k, mode, **kw):
   bias = _bias() if mode == "sigmoid" else None
-  return jax.jit(lambda x: fn(x, k, mode=mode, bias_e=bias, **kw))(logits)
+  return testing.jit(lambda x: fn(x, k, mode=mode, bias_e=bias, **kw))(logits)
 
 
 def _assert_dispatch_order(r: routing.Routing, num_experts: int):
@@ -43,7 +45,7 @@ def _assert_dispatch_order(r: routing.Routing, num_experts: int):
 )
 def test_forward_matches_reference(impl, mode, dtype):
   logits = _logits(dtype)
-  got = _route(lambda *a, **kw: routing.topk_route(*a, implementation=impl, **kw), logits, 3, mode)
+  got = _route(functools.partial(routing.topk_route, implementation=impl), logits, 3, mode)
   want = _route(routing.topk_route_reference, logits, 3, mode)
   np.testing.assert_array_equal(got.expert_ids, want.expert_ids)
   np.testing.assert_array_equal(got.group_sizes, want.group_sizes)
@@ -90,10 +92,9 @@ def test_vjp_matches_reference(impl, mode):
   def loss(fn):
     return lambda x: jnp.sum(fn(x, 3, mode=mode, bias_e=bias).weights * cot)
 
-  got = jax.jit(jax.grad(loss(lambda *a, **kw: routing.topk_route(*a, implementation=impl, **kw))))(
-      logits
-  )
-  want = jax.jit(jax.grad(loss(routing.topk_route_reference)))(logits)
+  ours = functools.partial(routing.topk_route, implementation=impl)
+  got = testing.jit(jax.grad(loss(ours)))(logits)
+  want = testing.jit(jax.grad(loss(routing.topk_route_reference)))(logits)
   assert float(jnp.abs(want).max()) > 0
   testing.assert_close(got, want, jnp.float32, reduction=SHAPE.experts)
 
@@ -107,10 +108,11 @@ def test_vjp_bf16_logits_and_zero_bias_gradient():
     r = routing.topk_route(x, 3, mode="sigmoid", bias_e=b, implementation="pallas_tpu")
     return jnp.sum(r.weights * cot)
 
-  d_logits, d_bias = jax.jit(jax.grad(loss, (0, 1)))(logits, bias)
-  want = jax.grad(
-      lambda x: jnp.sum(routing.topk_route_reference(x, 3, mode="sigmoid", bias_e=bias).weights * cot)
-  )(logits)
+  d_logits, d_bias = testing.jit(jax.grad(loss, (0, 1)))(logits, bias)
+  def ref_loss(x):
+    return jnp.sum(routing.topk_route_reference(x, 3, mode="sigmoid", bias_e=bias).weights * cot)
+
+  want = jax.grad(ref_loss)(logits)
   assert d_logits.dtype == jnp.bfloat16
   testing.assert_close(d_logits, want, jnp.bfloat16, reduction=SHAPE.experts)
   np.testing.assert_array_equal(d_bias, np.zeros(SHAPE.experts))
@@ -120,12 +122,12 @@ def test_vjp_bf16_logits_and_zero_bias_gradient():
 def test_all_tokens_on_one_expert_and_k_equals_e(impl):
   """A dominant expert takes every token; with k=E every expert gets every token."""
   logits = _logits().at[:, 4].add(100.0)
-  r = routing.topk_route(logits, 2, implementation=impl)
+  r = testing.jit(lambda x: routing.topk_route(x, 2, implementation=impl))(logits)
   assert int(r.group_sizes[4]) == SHAPE.tokens
   np.testing.assert_array_equal(r.expert_ids[:, 0], np.full(SHAPE.tokens, 4))
   _assert_dispatch_order(r, SHAPE.experts)
   small = _logits()[:, :5]
-  r = routing.topk_route(small, 5, implementation=impl)
+  r = testing.jit(lambda x: routing.topk_route(x, 5, implementation=impl))(small)
   np.testing.assert_array_equal(r.group_sizes, np.full(5, SHAPE.tokens))
   np.testing.assert_allclose(jnp.sum(r.weights, axis=1), np.ones(SHAPE.tokens), rtol=1e-6)
   _assert_dispatch_order(r, 5)
@@ -135,9 +137,11 @@ def test_all_tokens_on_one_expert_and_k_equals_e(impl):
 def test_bias_steers_selection_not_weights(impl):
   logits = _logits()
   bias = jnp.zeros(SHAPE.experts).at[11].set(10.0)
-  r = routing.topk_route(
-      logits, 2, mode="sigmoid", bias_e=bias, renormalize=False, implementation=impl
-  )
+  r = testing.jit(
+      lambda x, b: routing.topk_route(
+          x, 2, mode="sigmoid", bias_e=b, renormalize=False, implementation=impl
+      )
+  )(logits, bias)
   np.testing.assert_array_equal(r.expert_ids[:, 0], np.full(SHAPE.tokens, 11))
   np.testing.assert_allclose(r.weights[:, 0], jax.nn.sigmoid(logits[:, 11]), rtol=1e-6)
 
@@ -145,7 +149,9 @@ def test_bias_steers_selection_not_weights(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_renormalize_false_keeps_softmax_probabilities(impl):
   logits = _logits()
-  r = routing.topk_route(logits, 3, renormalize=False, implementation=impl)
+  r = testing.jit(
+      lambda x: routing.topk_route(x, 3, renormalize=False, implementation=impl)
+  )(logits)
   probs = jax.nn.softmax(logits, axis=-1)
   np.testing.assert_allclose(
       r.weights, jnp.take_along_axis(probs, r.expert_ids, axis=1), rtol=1e-5
@@ -160,7 +166,7 @@ def test_kernel_many_partial_blocks(kernel, block_t):
   """Small token blocks: ten blocks, the last one partial, and -inf logits in the input."""
   logits = _logits().at[5, :].set(-jnp.inf).at[5, 2].set(0.0)
   bias = jnp.zeros(SHAPE.experts)
-  got = jax.jit(
+  got = testing.jit(
       lambda x, b: kernel(
           x, b, k=3, mode="topk_softmax", renormalize=True, block_t=block_t, interpret=True
       )
@@ -175,7 +181,7 @@ def test_auto_and_pallas_agree_with_reference():
   logits = _logits()
   want = routing.topk_route_reference(logits, 3)
   for impl in (None, "pallas"):
-    got = routing.topk_route(logits, 3, implementation=impl)
+    got = testing.jit(lambda x: routing.topk_route(x, 3, implementation=impl))(logits)
     np.testing.assert_array_equal(got.sort_perm, want.sort_perm)
     testing.assert_close(got.weights, want.weights, jnp.float32, reduction=SHAPE.experts)
 
