@@ -1,4 +1,4 @@
-"""`jaxlm train|eval|generate|inspect`: parse, load the experiment, call into the library.
+"""`jaxlm train|eval|generate|inspect|convert`: parse, load the experiment, call into the library.
 
 Bad input (an unknown key, a bad value, a mesh that does not fit, a missing file) is printed
 as one line `jaxlm: error: ...` with exit code 2, before anything is written.
@@ -56,6 +56,16 @@ def parser() -> argparse.ArgumentParser:
   i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   i.add_argument("--devices", type=int, default=None, help="lay out on this many devices (default: mesh.devices, else those present)")
   i.add_argument("--json", action="store_true", help="print the report as JSON")
+  i.add_argument("--topology", help="also compile the train step for this TPU topology, e.g. v5p:4x4x2 (needs libtpu)")
+
+  c = sub.add_parser("convert", help="turn a trained run into the start of another kind of model")
+  conv = c.add_subparsers(dest="conversion", required=True, parser_class=_Parser)
+  u = conv.add_parser("upcycle", help="start an MoE run from a dense run: every expert a copy of its layer's MLP, fresh routers")
+  u.add_argument("dense_run", help="run directory of the trained dense model")
+  u.add_argument("experiment", help="the MoE experiment (file or registered name) the new run trains")
+  u.add_argument("--run-dir", required=True, help="new run directory, written at step 0; continue with `jaxlm train EXPERIMENT --run-dir`")
+  u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  u.add_argument("--step", type=int, default=None, help="dense checkpoint step (default: latest)")
   return p
 
 
@@ -110,10 +120,27 @@ def _inspect(args) -> int:
 
   exp = experiments.load(args.experiment, args.overrides)
   r = report(exp, args.devices)
+  if args.topology:
+    from jaxlm.train import aot
+
+    devices = aot.topology_devices(args.topology)
+    r["compiled"] = {"topology": args.topology, "devices": len(devices), "device_kind": devices[0].device_kind, **aot.summary(aot.compile_train_step(exp, devices))}
   if args.json:
     print(json.dumps({k: v for k, v in r.items()}, indent=2, default=str))
   else:
     print(format_report(exp, r))
+  return 0
+
+
+def _convert(args) -> int:
+  from jaxlm import experiments
+  from jaxlm.models.upcycle import upcycle_run
+
+  exp = experiments.load(args.experiment, args.overrides)
+  info = upcycle_run(Path(args.dense_run), exp, Path(args.run_dir), step=args.step)
+  same = "computes the dense model's function" if info["function_preserved"] else "does NOT reproduce the dense function (weights need not sum to 1)"
+  print(f"upcycled {info['dense_run']} (step {info['dense_step']}) into {info['run_dir']} at step 0; it {same}")
+  print(f"continue with: jaxlm train {args.experiment} --run-dir {info['run_dir']}" + "".join(f" --set {o}" for o in args.overrides))
   return 0
 
 
@@ -124,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
   absl.logging.set_verbosity(absl.logging.ERROR)  # orbax and tfds are chatty at WARNING
   try:
     args = parser().parse_args(argv)
-    return {"train": _train, "eval": _eval, "generate": _generate, "inspect": _inspect}[args.command](args)
+    return {"train": _train, "eval": _eval, "generate": _generate, "inspect": _inspect, "convert": _convert}[args.command](args)
   except ConfigError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
     return 2

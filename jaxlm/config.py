@@ -128,16 +128,31 @@ class SoftMoEConfig:
   first_segment: str = "paper"  # routing of segment 1: "paper" (own mean, stop-gradient) or "uniform"
   allow_noncausal_routing: bool = False  # opt in to sequence-level routing in a causal decoder
   expert_dropout: float = 0.0  # SMEAR expert dropout: zero each routing weight w.p. p, renormalise
-  merge: str = "auto"  # merge implementation (registry key)
+  merge: str = "auto"  # merge implementation (registry key): einsum, pallas, or auto
   dense_warmup: float = 0.0  # fraction of steps trained dense before the FFN is copied into every expert
+  extra_segments: int = 1  # packed rows: routing segments beyond seq_len / T kept for document boundaries
+  merge_chunk: int = 0  # segments merged and applied per step of a scan (0: auto); transient memory ~ chunk x 3 x D x F
+  decode_routing: str = "prompt"  # generation: "prompt" (route once on the prompt) or "segments" (re-route every T tokens)
 
   def __post_init__(self):
-    _check(self.n_experts >= 1, "model.soft_moe.n_experts must be >= 1")
+    _check(self.n_experts >= 1, f"model.soft_moe.n_experts must be >= 1, got {self.n_experts}")
     _check(self.granularity in ("segment", "sequence"), f"model.soft_moe.granularity must be 'segment' or 'sequence', got {self.granularity!r}")
-    _check(self.segment_len >= 1, "model.soft_moe.segment_len must be >= 1")
+    _check(self.segment_len >= 1, f"model.soft_moe.segment_len must be >= 1, got {self.segment_len}")
     _check(self.first_segment in ("paper", "uniform"), f"model.soft_moe.first_segment must be 'paper' or 'uniform', got {self.first_segment!r}")
-    _check(0 <= self.expert_dropout < 1, "model.soft_moe.expert_dropout must be in [0, 1)")
-    _check(0 <= self.dense_warmup < 1, "model.soft_moe.dense_warmup must be in [0, 1)")
+    _check(0 <= self.expert_dropout < 1, f"model.soft_moe.expert_dropout must be in [0, 1), got {self.expert_dropout}")
+    _check(0 <= self.dense_warmup < 1, f"model.soft_moe.dense_warmup must be in [0, 1), got {self.dense_warmup}")
+    _check(self.extra_segments >= 0, f"model.soft_moe.extra_segments must be >= 0, got {self.extra_segments}")
+    _check(self.merge_chunk >= 0, f"model.soft_moe.merge_chunk must be >= 0, got {self.merge_chunk}")
+    _check(self.decode_routing in ("prompt", "segments"), f"model.soft_moe.decode_routing must be 'prompt' or 'segments', got {self.decode_routing!r}")
+    _check(
+        self.granularity != "sequence" or self.allow_noncausal_routing,
+        "model.soft_moe.granularity='sequence' (SMEAR) routes every token on the mean of its whole sequence, future tokens "
+        "included, which a causal decoder must not do; set model.soft_moe.allow_noncausal_routing=true to opt in",
+    )
+    _check(
+        self.granularity != "sequence" or self.decode_routing == "prompt",
+        "model.soft_moe.decode_routing='segments' needs granularity='segment' (a sequence-level router has no segments)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,8 +32,9 @@ def _env_int(name: str) -> int | None:
 
 def detected_cluster() -> str | None:
   """'tpu' or 'slurm' when running as one of several hosts of a known cluster, else None."""
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  # (libtpu writes a "WARNING: could not determine ..." sentence there on non-TPU machines)
+  if (len(hosts) > 1 and not any(" " in h for h in hosts)) or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu"
   if (_env_int("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_JOB_ID"):
     return "slurm"

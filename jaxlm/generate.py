@@ -63,7 +63,8 @@ def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_a
   model.eval()
   batch, prompt_len = tokens_bp.shape
   cache = model.init_cache(batch, prompt_len + cfg.max_new_tokens)
-  logits, cache = model.decode(tokens_bp, cache)
+  prompt_ids = (jnp.arange(prompt_len)[None, :] < lengths_b[:, None]).astype(jnp.int32)  # 0 = padding
+  logits, cache = model.decode(tokens_bp, cache, segment_ids=prompt_ids)
   # Every row continues from its own length: point the write index there.
   cache = _set_index(cache, lengths_b)
   vocab = logits.shape[-1]

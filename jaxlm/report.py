@@ -99,6 +99,12 @@ def format_report(exp: Experiment, r: dict[str, Any]) -> str:
   for k, v in mem.items():
     lines.append(f"  {k:<24}{_bytes(v):>12}")
   lines.append(f"  {'total':<24}{_bytes(sum(mem.values())):>12}")
+  if "compiled" in r:
+    c = r["compiled"]
+    lines.append(f"compiled for {c['topology']} ({c['devices']} x {c['device_kind']}), per device:")
+    for k in ("arguments", "outputs", "temporaries", "aliased", "peak_estimate"):
+      lines.append(f"  {k:<24}{_bytes(c[k]):>12}")
+    lines.append(f"  {'XLA FLOPs per step':<24}{_human(c['flops'], 'FLOP'):>12}")
   width = max(len(p["name"]) for p in r["parameters"])
   lines.append("parameters (logical axes -> mesh sharding):")
   for p in r["parameters"]:

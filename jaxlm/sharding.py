@@ -145,9 +145,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     ici = tuple(s // d for s, d in zip(shape, cfg.dcn_shape))
     arr = mesh_utils.create_hybrid_device_mesh(ici, cfg.dcn_shape, devices, allow_split_physical_axes=True)
     return Mesh(arr, MESH_AXES, axis_types=auto)
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  from jax.experimental import mesh_utils
+
+  # Physical-topology-aware order on TPUs (inner axes on the fastest links); a plain reshape
+  # elsewhere.
+  arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(arr, MESH_AXES, axis_types=auto)
 
 
 def abstract_mesh(cfg: MeshConfig, n_devices: int) -> jax.sharding.AbstractMesh:

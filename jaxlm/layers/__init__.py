@@ -10,5 +10,6 @@ from jaxlm.layers.mlp import MLP, swiglu
 from jaxlm.layers.moe import MoE, moe  # registers the `moe` FFN kind
 from jaxlm.layers.norms import RMSNorm, rms_norm
 from jaxlm.layers.rope import apply_rope
+from jaxlm.layers.soft_moe import SoftMergedMoE  # registers the `soft_moe` FFN kind (pure function: jaxlm.layers.soft_moe.soft_moe)
 
 __all__ = ["FFN", "MLP", "Attention", "Embed", "KVCache", "RMSNorm", "apply_rope", "attention", "rms_norm", "swiglu"]

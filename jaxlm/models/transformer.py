@@ -11,7 +11,7 @@ Aux. Each FFN may return `{"losses": {...}, "metrics": {...}}`; the model return
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,14 @@ def combine_aux(auxes: list[Aux], *, stacked: bool = False) -> Aux:
   return {"losses": losses, "metrics": {k: join(v) for k, v in metrics.items()}}
 
 
+class BlockCache(NamedTuple):
+  """One block's generation state: the attention KV cache, and the FFN's own per-row state
+  (None for FFN kinds without `init_decode_state`; the soft MoE keeps each row's merged FFN)."""
+
+  attn: KVCache
+  ffn: Any = None
+
+
 class Block(nnx.Module):
   """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
@@ -64,11 +72,16 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
     self.ffn = FFN.get(ffn_kind)(cfg, rngs=rngs)
 
-  def __call__(self, x_bld, *, positions, segment_ids=None, cache: KVCache | None = None):
-    h, cache = self.attn(self.attn_norm(x_bld), positions=positions, segment_ids=segment_ids, cache=cache)
+  def __call__(self, x_bld, *, positions, segment_ids=None, cache: BlockCache | None = None):
+    h, kv = self.attn(self.attn_norm(x_bld), positions=positions, segment_ids=segment_ids, cache=None if cache is None else cache.attn)
     x_bld = x_bld + h
-    y, aux = _ffn_output(self.ffn(self.ffn_norm(x_bld), segment_ids=segment_ids, positions=positions))
-    return shard(x_bld + y, "batch", "seq", "embed"), aux, cache
+    if cache is not None and cache.ffn is not None:  # generating with a stateful FFN
+      y, ffn_state = self.ffn.decode(self.ffn_norm(x_bld), cache.ffn, positions=positions, segment_ids=segment_ids)
+      aux = {}
+    else:
+      y, aux = _ffn_output(self.ffn(self.ffn_norm(x_bld), segment_ids=segment_ids, positions=positions))
+      ffn_state = None if cache is None else cache.ffn
+    return shard(x_bld + y, "batch", "seq", "embed"), aux, (None if cache is None else BlockCache(kv, ffn_state))
 
 
 class Unit(nnx.Module):
@@ -182,26 +195,35 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
     """An empty KV cache for `batch` rows of up to `max_len` tokens, shaped like the layers."""
     cfg = self.cfg
-    one = lambda: KVCache.zeros(batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
-    if not cfg.scan_layers:
-      return {"blocks": [one() for _ in range(cfg.n_layers)]}
-    n_units = (cfg.n_layers - cfg.first_k_dense) // cfg.ffn_every
-    stack = lambda c: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_units,) + a.shape), c)
-    return {"prefix": [one() for _ in range(cfg.first_k_dense)], "units": tuple(stack(one()) for _ in range(cfg.ffn_every))}
 
-  def decode(self, tokens_bl: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
-    """Append `tokens_bl` to the cache (row b at its own index) and return their logits."""
+    def one(i: int) -> BlockCache:
+      ffn_state = getattr(FFN.get(cfg.layer_ffn(i)), "init_decode_state", None)
+      kv = KVCache.zeros(batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
+      return BlockCache(kv, None if ffn_state is None else ffn_state(cfg, batch, max_len))
+
+    if not cfg.scan_layers:
+      return {"blocks": [one(i) for i in range(cfg.n_layers)]}
+    k0, n_units = cfg.first_k_dense, (cfg.n_layers - cfg.first_k_dense) // cfg.ffn_every
+    stack = lambda c: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_units,) + a.shape), c)
+    return {"prefix": [one(i) for i in range(k0)], "units": tuple(stack(one(k0 + j)) for j in range(cfg.ffn_every))}
+
+  def decode(self, tokens_bl: jax.Array, cache: dict[str, Any], *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """Append `tokens_bl` to the cache (row b at its own index) and return their logits.
+
+    `segment_ids` (0 = padding) marks the right padding of a batch of prompts in the prefill,
+    for FFN kinds whose decoding state reads the prompt (soft-MoE prompt routing).
+    """
     index = _cache_index(cache)
     positions = index[:, None] + jnp.arange(tokens_bl.shape[1], dtype=jnp.int32)[None, :]
     x_bld = self.embed(tokens_bl)
-    x_bld, _, cache = self._layers(x_bld, positions, None, cache)
+    x_bld, _, cache = self._layers(x_bld, positions, segment_ids, cache)
     return self._head(x_bld), cache
 
 
 def _cache_index(cache: dict[str, Any]) -> jax.Array:
   if "blocks" in cache:
-    return cache["blocks"][0].index
+    return cache["blocks"][0].attn.index
   if cache["prefix"]:
-    return cache["prefix"][0].index
-  return cache["units"][0].index[0]
+    return cache["prefix"][0].attn.index
+  return cache["units"][0].attn.index[0]
 

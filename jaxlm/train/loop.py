@@ -24,7 +24,7 @@ from jaxlm.config import Experiment, to_dict
 from jaxlm.data import pipeline, sources
 from jaxlm.errors import ConfigError
 from jaxlm.layers import FFN
-from jaxlm.models import build
+from jaxlm.models import abstract_model, build
 from jaxlm.train import flops, optimizer, plots
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.metrics import MetricsWriter
@@ -71,17 +71,30 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
     check_resumable(load_config(run_dir), exp)
 
 
-def prepare(exp: Experiment, devices: list | None = None) -> Setup:
-  """Mesh (over `devices`, default all), sharded model and optimizer state, jitted steps."""
+def prepare(exp: Experiment, devices: list | None = None, *, abstract: bool = False) -> Setup:
+  """Mesh (over `devices`, default all), sharded model and optimizer state, jitted steps.
+
+  With `abstract=True` the state holds ShapeDtypeStructs with shardings instead of arrays:
+  enough to lower and compile the step ahead of time for devices that are not here (e.g. a
+  TPU topology from `jax.experimental.topologies`), allocating nothing.
+  """
   mesh = sharding.make_mesh(exp.mesh, devices)
   rules = sharding.make_rules(exp.mesh.rules)
-  with sharding.use_rules(rules), jax.set_mesh(mesh):
-    model = build(exp.model, mesh, seed=exp.train.seed, rules=rules)
+  with sharding.use_rules(rules):
+    model = abstract_model(exp.model, seed=exp.train.seed) if abstract else build(exp.model, mesh, seed=exp.train.seed, rules=rules)
     graphdef, params, rest = split_model(model)
     tx, lr = optimizer.make(exp.optim, exp.train.steps)
+    # Outside the mesh context: optax builds its placeholder state eagerly on the default device.
     shardings = state_shardings((graphdef, params, rest), tx, mesh, rules)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  with sharding.use_rules(rules), jax.set_mesh(mesh):
+    if abstract:
+      with_sharding = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+      params, rest = with_sharding(params, shardings.params), with_sharding(rest, shardings.rest)
+      opt_state = with_sharding(jax.eval_shape(tx.init, params), shardings.opt_state)
+      step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step)
+    else:
+      opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+      step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     state = TrainState(step=step, params=params, rest=rest, opt_state=opt_state)
     batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
@@ -152,8 +165,9 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   ckpt = Checkpointer(run_dir / CHECKPOINTS, exp.checkpoint) if exp.checkpoint.enabled else None
 
   state = setup.state
-  start = (ckpt.latest_step() or 0) if ckpt else 0
-  if start:
+  latest = ckpt.latest_step() if ckpt else None
+  start = latest or 0
+  if latest is not None:  # step 0 too: `jaxlm convert upcycle` writes a run that starts from a checkpoint
     restored = ckpt.restore(start, params=state.params, rest=state.rest, opt_state=state.opt_state, data_iterator=train_iter)
     state = TrainState(
         step=jax.device_put(jnp.asarray(restored["opt_state"]["step"], jnp.int32), setup.shardings.step),

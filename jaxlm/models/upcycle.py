@@ -1,0 +1,154 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): an MoE model initialised from a dense one.
+
+Every MoE layer's experts start as copies of that layer's dense MLP; the router is fresh
+(its random init), the DeepSeek-V3 selection bias zero, shared experts fresh with a zero output
+projection; attention, norms, embeddings, the head and the layers that stay dense are copied.
+So at step 0 each MoE layer computes sum_k w_k * MLP(x) = MLP(x) whenever the combine weights
+of a token sum to 1 (softmax or sigmoid router with `renormalize`, `route_scale` 1, dropless):
+the upcycled model is the dense model. `function_preserved` says whether a config is such.
+
+  upcycle(dense_model, moe_cfg) -> Transformer            (Python)
+  jaxlm convert upcycle DENSE_RUN MOE_EXPERIMENT --run-dir OUT   (a run directory at step 0;
+                                                           `jaxlm train MOE_EXPERIMENT --run-dir OUT` continues it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import Experiment, ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.models.build import build
+from jaxlm.models.transformer import Transformer
+
+# ModelConfig fields an upcycled model may change; every other field must match the dense model.
+FREE_FIELDS = ("ffn", "first_k_dense", "ffn_every", "moe", "soft_moe", "scan_layers", "remat", "attention_impl", "dtype", "param_dtype")
+
+
+def check_compatible(dense: ModelConfig, moe: ModelConfig) -> None:
+  """Raise ConfigError naming the first field that prevents copying `dense` into `moe`."""
+  if any(k != "dense" for k in dense.ffn_kinds):
+    raise ConfigError(f"upcycle: the source model must be dense in every layer, got FFN kinds {dense.ffn_kinds}")
+  if "moe" not in moe.ffn_kinds:
+    raise ConfigError("upcycle: the target model has no MoE layer (set model.ffn=moe)")
+  for f in dataclasses.fields(ModelConfig):
+    if f.name not in FREE_FIELDS and getattr(dense, f.name) != getattr(moe, f.name):
+      raise ConfigError(f"upcycle: model.{f.name} is {getattr(moe, f.name)!r} but the dense model has {getattr(dense, f.name)!r}")
+  if moe.moe.d_ff_expert not in (0, dense.d_ff):
+    raise ConfigError(f"upcycle: model.moe.d_ff_expert ({moe.moe.d_ff_expert}) must equal the dense model's d_ff ({dense.d_ff}) (or 0)")
+
+
+def function_preserved(cfg: ModelConfig) -> bool:
+  """Whether an upcycled model of this config computes the dense model's function at step 0."""
+  m = cfg.moe
+  return m.router in ("softmax_topk", "sigmoid_bias") and m.renormalize and m.route_scale == 1.0 and m.mode == "dropless"
+
+
+def _layers(tree: dict, cfg: ModelConfig) -> list[dict]:
+  """Per-layer parameter trees of a pure-dict model state (unrolled or scanned)."""
+  if not cfg.scan_layers:
+    return [tree["blocks"][i] for i in range(cfg.n_layers)]
+  k0, period = cfg.first_k_dense, cfg.ffn_every
+  out = [tree["prefix"][i] for i in range(k0)]
+  for u in range((cfg.n_layers - k0) // period):
+    out += [jax.tree.map(lambda a: a[u], tree["units"]["blocks"][j]) for j in range(period)]
+  return out
+
+
+def _set_layers(tree: dict, cfg: ModelConfig, layers: list[dict]) -> None:
+  if not cfg.scan_layers:
+    for i, layer in enumerate(layers):
+      tree["blocks"][i] = layer
+    return
+  k0, period = cfg.first_k_dense, cfg.ffn_every
+  for i in range(k0):
+    tree["prefix"][i] = layers[i]
+  n_units = (cfg.n_layers - k0) // period
+  for j in range(period):
+    tree["units"]["blocks"][j] = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[k0 + u * period + j] for u in range(n_units)])
+
+
+def _like(src: Any, dst: Any) -> Any:
+  """`src` values in `dst`'s dtypes (and shardings, when dst's are arrays)."""
+
+  def one(s, d):
+    s = jnp.asarray(s, d.dtype)
+    return jax.device_put(s, d.sharding) if isinstance(d, jax.Array) else s
+
+  return jax.tree.map(one, src, dst)
+
+
+def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, moe_cfg: ModelConfig) -> dict:
+  """Pure-dict version: the freshly initialised `moe_state` with the dense weights copied in."""
+  check_compatible(dense_cfg, moe_cfg)
+  src, dst = _layers(dense_state, dense_cfg), _layers(moe_state, moe_cfg)
+  out = []
+  for i, (s, d) in enumerate(zip(src, dst)):
+    new = {k: _like(v, d[k]) for k, v in s.items() if k != "ffn"}
+    if moe_cfg.layer_ffn(i) == "dense":
+      new["ffn"] = _like(s["ffn"], d["ffn"])
+    else:
+      e = moe_cfg.moe.n_experts
+      ffn = dict(d["ffn"])  # fresh router (and bias, jitter state, shared experts)
+      for name in ("w_gate", "w_up", "w_down"):
+        ffn[name] = _like(jnp.broadcast_to(jnp.asarray(s["ffn"][name])[None], (e,) + tuple(jnp.shape(s["ffn"][name]))), d["ffn"][name])
+      if "shared" in ffn and ffn["shared"] is not None:
+        ffn["shared"] = dict(ffn["shared"], w_down=jnp.zeros_like(ffn["shared"]["w_down"]))  # contributes 0 at step 0
+      new["ffn"] = ffn
+    out.append(new)
+  result = dict(moe_state)
+  for k in dense_state:
+    if k not in ("blocks", "prefix", "units"):
+      result[k] = _like(dense_state[k], moe_state[k])
+  _set_layers(result, moe_cfg, out)
+  return result
+
+
+def upcycle(dense: Transformer, moe_cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+  """An MoE Transformer of `moe_cfg` whose experts are copies of `dense`'s MLPs (fresh routers)."""
+  model = build(moe_cfg, mesh, seed=seed)
+  state = nnx.state(model)
+  pure = upcycle_state(nnx.to_pure_dict(nnx.state(dense)), dense.cfg, nnx.to_pure_dict(state), moe_cfg)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  return model
+
+
+def upcycle_run(dense_run: Path, exp: Experiment, out_dir: Path, *, step: int | None = None) -> dict[str, Any]:
+  """Write `out_dir` as a run of `exp` at step 0 whose model is the upcycled dense checkpoint."""
+  from jaxlm.train import loop
+  from jaxlm.train.checkpoint import Checkpointer
+  from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_for_inference, save_config, tokenizer_for
+
+  dense_run, out_dir = Path(dense_run), Path(out_dir)
+  if (out_dir / CONFIG_FILE).exists() or (out_dir / CHECKPOINTS).exists():
+    raise ConfigError(f"{out_dir} already holds a run; choose an empty --run-dir")
+  dense_exp, dense_model, _, dense_step = load_for_inference(dense_run, step=step, mesh_cfg=exp.mesh)
+  check_compatible(dense_exp.model, exp.model)
+  loop.validate(exp, None)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if (dense_run / TOKENIZER_FILE).is_file() and not exp.data.sp_model:
+    shutil.copy(dense_run / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)  # same tokens as the dense run
+  save_config(out_dir, exp)
+  setup = loop.prepare(exp)
+  model = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
+  pure = upcycle_state(nnx.to_pure_dict(nnx.state(dense_model)), dense_exp.model, nnx.to_pure_dict(nnx.state(model)), exp.model)
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  train_iter = iter(loop.datasets(exp, tokenizer_for(exp, out_dir), "train"))
+  ckpt = Checkpointer(out_dir / CHECKPOINTS, exp.checkpoint)
+  from jaxlm.config import to_dict
+
+  ckpt.save(0, params=params, rest=rest, opt_state=setup.state.opt_state, data_iterator=train_iter, config=to_dict(exp))
+  ckpt.wait()
+  ckpt.close()
+  return {"dense_run": str(dense_run), "dense_step": dense_step, "run_dir": str(out_dir), "function_preserved": function_preserved(exp.model)}

@@ -1,0 +1,47 @@
+"""Several hosts: two processes x two CPU devices with gloo collectives equal one process x four."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.mark.multihost
+def test_two_processes_equal_one(tmp_path):
+  port = _free_port()
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(HERE / "multihost_worker.py"), str(tmp_path / "multi.json"), f"127.0.0.1:{port}", "2", str(i)],
+          env=_env(2),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  single = subprocess.run([sys.executable, str(HERE / "multihost_worker.py"), str(tmp_path / "single.json")], env=_env(4), capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+  multi, one = json.loads((tmp_path / "multi.json").read_text()), json.loads((tmp_path / "single.json").read_text())
+  assert multi["processes"] == 2 and one["processes"] == 1
+  np.testing.assert_allclose(multi["losses"], one["losses"], rtol=1e-5)
+  np.testing.assert_allclose(multi["param_sq_norm"], one["param_sq_norm"], rtol=1e-5)
