@@ -8,8 +8,8 @@ Letters: G groups (segments), T tokens per group, D embed, F mlp, E experts.
 Memory. Kept naively, the merged weights of every group are activations of size G x 3 x D x F:
 D / T times the FFN's token activations (2x at D = 512, T = 256), which is what a plain einsum
 merge costs (measured 2.33x the dense FFN's temporary memory). Here the merged weights are
-never saved for the backward pass: `jax.checkpoint` with a policy that saves everything except
-them recomputes the merge (E / T of the FFN's FLOPs) in the backward pass, and the groups go
+never saved for the backward pass: `jax.checkpoint` with a policy that saves only the two
+pre-activations (x W_gate, x W_up) recomputes the merge (E / T of the FFN's FLOPs) in the backward pass, and the groups go
 through a `lax.scan` in chunks of `chunk` groups, so the backward pass holds the merged
 weights and their gradient for one chunk at a time.
 
@@ -35,7 +35,7 @@ from jaxlm.registry import Registry
 from jaxlm.sharding import shard
 
 MERGE: Registry = Registry("soft_moe merge")
-MERGED = "soft_moe_merged"  # checkpoint name of merged weights: never saved for the backward pass
+SAVED = ("soft_moe_gate", "soft_moe_up")  # the only values saved for the backward pass (besides inputs)
 
 
 class ExpertWeights(NamedTuple):
@@ -88,8 +88,8 @@ def merge_all(w_ge: jax.Array, experts: ExpertWeights, merge: MergeFn) -> Expert
 def merged_swiglu_groups(x_gtd: jax.Array, merged: ExpertWeights) -> jax.Array:
   """y[g] = SwiGLU(x[g]) with group g's merged weights (compute dtype = x's dtype)."""
   dt = x_gtd.dtype
-  gate = jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_gate.astype(dt))
-  up = jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_up.astype(dt))
+  gate = checkpoint_name(jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_gate.astype(dt)), SAVED[0])
+  up = checkpoint_name(jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_up.astype(dt)), SAVED[1])
   h = shard(jax.nn.silu(gate) * up, "batch", None, "mlp")
   return jnp.einsum("gtf,gfd->gtd", h, merged.w_down.astype(dt))
 
@@ -97,15 +97,15 @@ def merged_swiglu_groups(x_gtd: jax.Array, merged: ExpertWeights) -> jax.Array:
 def _chunk_body(merge: MergeFn):
   def body(x_gtd: jax.Array, w_ge: jax.Array, experts: ExpertWeights) -> jax.Array:
     merged = merge_all(w_ge, experts, merge)
-    dt = x_gtd.dtype
     merged = ExpertWeights(
-        checkpoint_name(shard(merged.w_gate.astype(dt), "batch", "embed", "mlp"), MERGED),
-        checkpoint_name(shard(merged.w_up.astype(dt), "batch", "embed", "mlp"), MERGED),
-        checkpoint_name(shard(merged.w_down.astype(dt), "batch", "mlp", "embed"), MERGED),
+        shard(merged.w_gate, "batch", "embed", "mlp"),
+        shard(merged.w_up, "batch", "embed", "mlp"),
+        shard(merged.w_down, "batch", "mlp", "embed"),
     )
     return merged_swiglu_groups(x_gtd, merged)
 
-  return jax.checkpoint(body, policy=jax.checkpoint_policies.save_anything_except_these_names(MERGED))
+  # Saved: the inputs and the two pre-activations; recomputed: the merge and silu(gate) * up.
+  return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*SAVED))
 
 
 def auto_chunk(n_slots: int, group_len: int, d_model: int) -> int:
