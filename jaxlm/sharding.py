@@ -153,12 +153,6 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
   return Mesh(arr, MESH_AXES, axis_types=auto)
 
 
-def abstract_mesh(cfg: MeshConfig, n_devices: int) -> jax.sharding.AbstractMesh:
-  """A device-free mesh of the shape `cfg` has on `n_devices` (for eval_shape and inspect)."""
-  sizes = cfg.shape(n_devices)
-  return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
 def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
   """A variable's logical axis names (its `out_sharding` metadata), or all-None."""
   names = variable.get_metadata().get("out_sharding")

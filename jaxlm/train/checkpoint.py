@@ -77,9 +77,6 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return {k: out[k] for k in items}
 
-  def config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
