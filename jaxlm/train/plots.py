@@ -37,10 +37,11 @@ def loss_curve(run_dir: Path, history: list[dict[str, Any]]) -> Path | None:
   fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
   if train:
     steps, losses = zip(*train)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train loss")
-    k = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
-    ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (mean of {k})")
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train loss (logged steps)")
+    k = max(2, len(losses) // 10)
+    if len(losses) >= 2 * k:
+      smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+      ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (mean of last {k})")
   if evals:
     steps = [r["step"] for r in evals]
     ax.plot(steps, [r["eval_loss"] for r in evals], "o-", color="black", lw=2, label="eval loss")
