@@ -231,6 +231,8 @@ class DataConfig:
   add_bos: bool = True  # prepend BOS to every document
   shuffle: bool = True  # shuffle documents (deterministically, from train.seed)
   cache_dir: str = ""  # where built datasets live (empty: $JAXLM_CACHE or ~/.cache/jaxlm)
+  similarity: str = "none"  # training order: "none" (shuffled) or nearest-neighbour chains (In-Context Pretraining) by "exact", "lsh" or "auto" search
+  similarity_neighbors: int = 8  # neighbours searched per document for the similarity order
 
   def __post_init__(self):
     _check(isinstance(self.mixture, Mapping) and len(self.mixture) > 0, "data.mixture must be a non-empty {source: weight} mapping")
@@ -241,6 +243,8 @@ class DataConfig:
     _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
     _check(self.tokenizer in ("byte", "sentencepiece"), f"data.tokenizer must be 'byte' or 'sentencepiece', got {self.tokenizer!r}")
     _check(self.sp_vocab_size >= 320, f"data.sp_vocab_size must be >= 320 (256 byte-fallback pieces + specials + characters), got {self.sp_vocab_size}")
+    _check(self.similarity in ("none", "exact", "lsh", "auto"), f"data.similarity must be none, exact, lsh or auto, got {self.similarity!r}")
+    _check(self.similarity_neighbors >= 1, f"data.similarity_neighbors must be >= 1, got {self.similarity_neighbors}")
 
   def __hash__(self):  # mixture is a dict; hash by value so configs can be compared and cached
     return hash((tuple(sorted(self.mixture.items())), self.seq_len, self.batch_size, self.tokenizer, self.sp_model))

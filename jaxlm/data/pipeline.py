@@ -15,7 +15,7 @@ the model so that a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -64,9 +64,21 @@ def lm_dataset(
     cache_dir: str = "",
     process_index: int = 0,
     process_count: int = 1,
+    similarity: str = "none",
+    similarity_neighbors: int = 8,
 ) -> grain.IterDataset:
-  """Packed LM batches of `batch_size` rows (this process's share) from a weighted mixture."""
+  """Packed LM batches of `batch_size` rows (this process's share) from a weighted mixture.
+
+  `similarity` ("exact", "lsh" or "auto"; see jaxlm.data.similarity) orders every source's
+  documents by nearest-neighbour chains instead of shuffling them and packs each source on its
+  own, so a row holds neighbouring documents of one source; the mixture then weighs rows.
+  """
   names = [k for k, w in mixture.items() if w > 0]
+  if similarity != "none":
+    kw = dict(seq_len=seq_len, seed=seed, add_bos=add_bos, cache_dir=cache_dir, process_index=process_index, process_count=process_count)
+    rows = [_similarity_rows(n, split, tokenizer, method=similarity, neighbors=similarity_neighbors, **kw) for n in names]
+    it = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [float(mixture[n]) for n in names])
+    return it.batch(batch_size, drop_remainder=True).map(_finalize)
   parts = []
   for i, name in enumerate(names):
     ds = grain.MapDataset.source(sources.load(name, split, cache_dir))
@@ -78,6 +90,31 @@ def lm_dataset(
     ds = ds[process_index::process_count]
   it = grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len})
   return it.batch(batch_size, drop_remainder=True).map(_finalize)
+
+
+class _Reordered(Sequence[str]):
+  def __init__(self, docs: Sequence[str], order: np.ndarray):
+    self.docs, self.order = docs, order
+
+  def __len__(self) -> int:
+    return len(self.order)
+
+  def __getitem__(self, i):  # type: ignore[override]
+    return self.docs[int(self.order[i])]
+
+
+def _similarity_rows(name: str, split: str, tokenizer: Tokenizer, *, method: str, neighbors: int, seq_len: int, seed: int, add_bos: bool, cache_dir: str, process_index: int, process_count: int) -> grain.IterDataset:
+  """One source's documents in In-Context-Pretraining order, this process's contiguous share of
+  the chain, repeated and packed into rows (In-Context Pretraining, Shi et al. 2023)."""
+  from jaxlm.data import similarity
+  from jaxlm.data.stdlib_corpus import default_cache_dir
+
+  docs = sources.load(name, split, cache_dir)
+  order = similarity.similarity_order(docs, k=neighbors, method=method, seed=seed, cache_dir=default_cache_dir(cache_dir))
+  n = len(order)
+  share = order[process_index * n // process_count : (process_index + 1) * n // process_count]
+  ds = grain.MapDataset.source(_Reordered(docs, share)).repeat().map(Tokenize(tokenizer, add_bos))
+  return grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len})
 
 
 def take(ds: grain.IterDataset, n: int) -> Iterator[Batch]:

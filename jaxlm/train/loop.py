@@ -107,6 +107,18 @@ def prepare(exp: Experiment, devices: list | None = None, *, abstract: bool = Fa
   return Setup(exp, mesh, rules, graphdef, state, shardings, batch_sh, train_step, eval_step, lr)
 
 
+def state_hooks(setup: Setup, state: TrainState) -> dict[int, Any]:
+  """{step: jitted fn(state) -> state} that FFN kinds ask to apply after that step (their
+  `train_hooks`, e.g. the end of the soft MoE's dense warm-up). Each compiles once, on first
+  use; the train step itself never changes."""
+  hooks: dict[int, Any] = {}
+  for kind in sorted(set(setup.exp.model.ffn_kinds)):
+    make = getattr(FFN.get(kind), "train_hooks", None)
+    for step_no, fn in (make(setup.exp, setup.graphdef, state) if make else {}).items():
+      hooks[step_no] = jax.jit(fn, in_shardings=(setup.shardings,), out_shardings=setup.shardings, donate_argnums=0)
+  return hooks
+
+
 def to_global(batch: dict[str, np.ndarray], sharding_: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
   """This process's rows -> global arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
@@ -125,7 +137,8 @@ def datasets(exp: Experiment, tokenizer, split: str, *, per_source: bool = False
   if per_source:
     names = [n for n, w in exp.data.mixture.items() if w > 0]
     return {n: pipeline.lm_dataset({n: 1.0}, split, tokenizer, shuffle=False, **kw) for n in names}
-  return pipeline.lm_dataset(exp.data.mixture, split, tokenizer, shuffle=exp.data.shuffle, **kw)
+  similar = dict(similarity=exp.data.similarity, similarity_neighbors=exp.data.similarity_neighbors)  # training order only
+  return pipeline.lm_dataset(exp.data.mixture, split, tokenizer, shuffle=exp.data.shuffle, **kw, **similar)
 
 
 def evaluate(setup: Setup, state: TrainState, eval_sets: dict[str, Any], n_batches: int) -> dict[str, Any]:
@@ -207,6 +220,7 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = setup.train_step.lower(state, batch).compile()
     writer.print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+    hooks = state_hooks(setup, state)
 
     pending: tuple[int, Any] | None = None
     last_eval = first_eval
@@ -232,6 +246,8 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
     while step_no < tcfg.steps:
       state, metrics = compiled(state, batch)
       step_no += 1
+      if step_no in hooks:
+        state = hooks[step_no](state)
       if pending is not None:
         log(*pending)  # read step N-1's metrics only after step N is dispatched
         pending = None

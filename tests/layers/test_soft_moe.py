@@ -208,7 +208,7 @@ def test_dense_flag_routes_everything_to_expert_zero():
   x = randn((2, 8, cfg.d_model), 3)
   y, _ = call(layer, x)
   np.testing.assert_allclose(y, swiglu(x, layer.w_gate[0], layer.w_up[0], layer.w_down[0]), atol=1e-6)
-  layer.dense[...] = jnp.zeros((), bool)
+  layer.dense[...] = jnp.zeros((1,), bool)
   assert not np.allclose(call(layer, x)[0], y, atol=1e-6)
 
 

@@ -200,11 +200,12 @@ class SoftMergedMoE(nnx.Module):
     self.w_up = param(rngs, normal(cfg.init_std), (e, d, f), (None, "embed", "mlp"), cfg.param_dtype)
     self.w_down = param(rngs, normal(out_std), (e, f, d), (None, "mlp", "embed"), cfg.param_dtype)
     # True until the dense warm-up ends (warmup.end_dense_warmup_fn clears it).
-    self.dense = SoftMoEState(jnp.ones((), bool), out_sharding=(), eager_sharding=False) if m.dense_warmup > 0 else None
+    # (Shape [1], not []: a scalar's empty sharding metadata cannot take the scanned layer axis.)
+    self.dense = SoftMoEState(jnp.ones((1,), bool), out_sharding=(None,), eager_sharding=False) if m.dense_warmup > 0 else None
     # Expert dropout: raw key data and a counter (plain integer arrays checkpoint anywhere).
     dropout = m.expert_dropout > 0
     self.dropout_key = SoftMoEState(jax.random.key_data(rngs.params()), out_sharding=(None,), eager_sharding=False) if dropout else None
-    self.dropout_step = SoftMoEState(jnp.zeros((), jnp.uint32), out_sharding=(), eager_sharding=False) if dropout else None
+    self.dropout_step = SoftMoEState(jnp.zeros((1,), jnp.uint32), out_sharding=(None,), eager_sharding=False) if dropout else None
     self.deterministic = False  # model.eval() sets True: no expert dropout
 
   # -- the FFN protocol ----------------------------------------------------------------------
@@ -253,13 +254,13 @@ class SoftMergedMoE(nnx.Module):
     return {"router": self.router[...], "w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
 
   def _dense_flag(self) -> jax.Array | None:
-    return None if self.dense is None else self.dense[...]
+    return None if self.dense is None else self.dense[...][0]
 
   def __call__(self, x_bld: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     with jax.named_scope("soft_moe"):
       key = None
       if self.dropout_key is not None and not self.deterministic:
-        key = jax.random.fold_in(jax.random.wrap_key_data(self.dropout_key[...]), self.dropout_step[...])
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.dropout_key[...]), self.dropout_step[...][0])
         self.dropout_step[...] = self.dropout_step[...] + 1
       return soft_moe(self.params(), x_bld, self.cfg, segment_ids=segment_ids, positions=positions, dropout_key=key, dense=self._dense_flag())
 

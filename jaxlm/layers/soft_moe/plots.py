@@ -31,7 +31,7 @@ def routing_heatmap(run_dir: Path, history: list[dict[str, Any]]) -> Path | None
   cols = min(n_layers, 4)
   rows = math.ceil(n_layers / cols)
   plt = _pyplot()
-  fig, axes = plt.subplots(rows, cols, figsize=(1.2 + cols * (1.0 + 0.45 * n_exp), 0.9 + rows * (0.6 + 0.45 * n_src)), dpi=120, squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(1.2 + cols * (1.0 + 0.45 * n_exp), 0.9 + rows * (0.6 + 0.45 * n_src)), dpi=120, squeeze=False, layout="constrained")
   vmax = max(float(data.max()), 2.0 / n_exp)
   im = None
   for i in range(rows * cols):
