@@ -72,28 +72,45 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> Experiment:
 
 
 def apply_overrides(cfg: Any, overrides: Iterable[str]) -> Any:
-  """Apply `a.b.c=value` strings to a dataclass tree; the value is parsed by the field's type."""
+  """Apply `a.b.c=value` strings to a dataclass tree; each value is parsed by its field's type.
+
+  All overrides are applied together and every config object is rebuilt (and validated) once,
+  so their order never matters (e.g. raising `data.sp_vocab_size` and `model.vocab_size`).
+  """
+  changes: dict[str, Any] = {}
   for item in overrides:
     key, eq, raw = item.partition("=")
+    key = key.strip()
     if not eq or not key:
       raise ConfigError(f"bad override {item!r}: expected key=value, e.g. model.n_layers=2")
-    cfg = _set(cfg, key.strip().split("."), raw.strip(), key.strip())
-  return cfg
+    path = key.split(".")
+    value = _parse_at(cfg, path, raw.strip(), key)
+    node = changes
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"override {key!r} conflicts with an override of its section")
+    node[path[-1]] = value
+  return _rebuild(cfg, changes)
 
 
-def _set(node: Any, path: list[str], raw: str, full_key: str) -> Any:
-  if not dataclasses.is_dataclass(node):
-    raise ConfigError(f"unknown config key {full_key!r}")
-  names = [f.name for f in dataclasses.fields(node)]
-  head = path[0]
-  if head not in names:
-    where = full_key[: full_key.rfind(head)].rstrip(".") or type(node).__name__
-    raise ConfigError(f"unknown config key {full_key!r}: {where} has {', '.join(names)}")
-  if len(path) > 1:
-    value = _set(getattr(node, head), path[1:], raw, full_key)
-  else:
-    value = parse_value(typing.get_type_hints(type(node))[head], raw, full_key)
-  return dataclasses.replace(node, **{head: value})
+def _parse_at(node: Any, path: list[str], raw: str, full_key: str) -> Any:
+  """The value for `path` below `node`, parsed by the type of the field it names."""
+  for i, head in enumerate(path):
+    if not dataclasses.is_dataclass(node):
+      raise ConfigError(f"unknown config key {full_key!r}")
+    names = [f.name for f in dataclasses.fields(node)]
+    if head not in names:
+      where = ".".join(path[:i]) or type(node).__name__
+      raise ConfigError(f"unknown config key {full_key!r}: {where} has {', '.join(names)}")
+    if i == len(path) - 1:
+      return parse_value(typing.get_type_hints(type(node))[head], raw, full_key)
+    node = getattr(node, head)
+
+
+def _rebuild(node: Any, changes: dict[str, Any]) -> Any:
+  kwargs = {k: _rebuild(getattr(node, k), v) if isinstance(v, dict) and dataclasses.is_dataclass(getattr(node, k)) else v for k, v in changes.items()}
+  return dataclasses.replace(node, **kwargs)
 
 
 def parse_value(tp: Any, raw: str, key: str) -> Any:

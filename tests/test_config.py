@@ -53,6 +53,16 @@ def test_bad_overrides_name_the_problem(override, message):
   assert "\n" not in str(e.value)
 
 
+def test_override_order_does_not_matter():
+  # Each alone would fail validation against the other's old value; together they are fine.
+  a = ["data.tokenizer=sentencepiece", "data.sp_vocab_size=1024", "model.vocab_size=1024"]
+  exp = experiments.apply_overrides(Experiment(), a)
+  assert exp == experiments.apply_overrides(Experiment(), a[::-1])
+  assert exp.model.vocab_size == exp.data.sp_vocab_size == 1024
+  exp = experiments.apply_overrides(Experiment(), ["model.n_heads=8", "model.n_kv_heads=8", "model.d_model=512"])
+  assert (exp.model.n_heads, exp.model.n_kv_heads) == (8, 8)
+
+
 def test_round_trip_through_json_dict():
   exp = experiments.load("quickstart", ["mesh.rules=[('batch', ('data', 'fsdp'))]"])
   assert from_dict(Experiment, to_dict(exp)) == exp
