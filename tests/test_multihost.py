@@ -45,3 +45,36 @@ def test_two_processes_equal_one(tmp_path):
   assert multi["processes"] == 2 and one["processes"] == 1
   np.testing.assert_allclose(multi["losses"], one["losses"], rtol=1e-5)
   np.testing.assert_allclose(multi["param_sq_norm"], one["param_sq_norm"], rtol=1e-5)
+
+
+@pytest.mark.multihost
+@pytest.mark.slow
+def test_jaxlm_train_on_two_hosts_writes_once_and_resumes(tmp_path):
+  """The same `jaxlm train` command on two processes: one metrics file, per-host data state."""
+  run_dir = tmp_path / "run"
+
+  def launch(steps: int) -> None:
+    port = _free_port()
+    args = ["train", "quickstart:smoke", "--run-dir", str(run_dir), "--set", f"train.steps={steps}", "--set", "train.sample_tokens=0"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxlm.cli", *args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=HERE.parent,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+      out, _ = p.communicate(timeout=600)
+      assert p.returncode == 0, out[-3000:]
+
+  launch(3)
+  data_state = sorted(p.name for p in (run_dir / "checkpoints" / "3" / "data").glob("process_*"))
+  assert data_state == ["process_0-of-2.json", "process_1-of-2.json"]
+  launch(6)
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in records if "loss" in r]
+  assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6  # written once, by process 0

@@ -239,40 +239,46 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
         rec["mfu"] = rec["tflops_per_device"] * 1e12 / peak
       writer.write(rec)
       writer.advance(0, loss=float(metrics["loss"]), tok_s=f"{tok_s:,.0f}")
-      if not writer.interactive:
-        writer.print(f"step {step_no:>6}  loss {float(metrics['loss']):.4f}  grad_norm {float(metrics['grad_norm']):.3f}  lr {float(metrics['lr']):.2e}  {tok_s:,.0f} tok/s")
+      if not writer.interactive:  # no live bar (a log file, CI): a line per log step, with ETA
+        eta = (tcfg.steps - step_no) * tokens_per_step / max(tok_s, 1e-9)
+        writer.print(
+            f"step {step_no:>6}  loss {float(metrics['loss']):.4f}  grad_norm {float(metrics['grad_norm']):.3f}  lr {float(metrics['lr']):.2e}  "
+            f"{tok_s:,.0f} tok/s  {rec['tflops_per_device']:.3g} TFLOP/s/device" + (f"  MFU {rec['mfu']:.1%}" if peak else "") + f"  ETA {eta / 60:.1f} min"
+        )
 
     step_no = start
-    while step_no < tcfg.steps:
-      state, metrics = compiled(state, batch)
-      step_no += 1
-      if step_no in hooks:
-        state = hooks[step_no](state)
-      if pending is not None:
-        log(*pending)  # read step N-1's metrics only after step N is dispatched
-        pending = None
-      if step_no % tcfg.log_every == 0 or step_no == tcfg.steps:
-        pending = (step_no, metrics)
-      writer.advance(1)
-      is_last = step_no == tcfg.steps
-      do_eval = tcfg.eval_every and (step_no % tcfg.eval_every == 0) or is_last
-      do_ckpt = tcfg.checkpoint_every and (step_no % tcfg.checkpoint_every == 0) or is_last
-      if do_eval or do_ckpt:
+    try:
+      while step_no < tcfg.steps:
+        state, metrics = compiled(state, batch)
+        step_no += 1
+        if step_no in hooks:
+          state = hooks[step_no](state)
         if pending is not None:
-          log(*pending)
+          log(*pending)  # read step N-1's metrics only after step N is dispatched
           pending = None
-        if do_eval:
-          last_eval = run_eval(step_no)
-        if do_ckpt:
-          save(step_no)
-        mark_step, mark_t = step_no, time.perf_counter()  # keep eval and checkpoint time out of tokens/s
-      if not is_last:
-        batch = to_global(next(train_iter), setup.batch_sharding)
+        if step_no % tcfg.log_every == 0 or step_no == tcfg.steps:
+          pending = (step_no, metrics)
+        writer.advance(1)
+        is_last = step_no == tcfg.steps
+        do_eval = tcfg.eval_every and (step_no % tcfg.eval_every == 0) or is_last
+        do_ckpt = tcfg.checkpoint_every and (step_no % tcfg.checkpoint_every == 0) or is_last
+        if do_eval or do_ckpt:
+          if pending is not None:
+            log(*pending)
+            pending = None
+          if do_eval:
+            last_eval = run_eval(step_no)
+          if do_ckpt:
+            save(step_no)
+          mark_step, mark_t = step_no, time.perf_counter()  # keep eval and checkpoint time out of tokens/s
+        if not is_last:
+          batch = to_global(next(train_iter), setup.batch_sharding)
+    finally:  # also on Ctrl-C: let a checkpoint being written finish, flush the metrics
+      if ckpt is not None:
+        ckpt.wait()
+        ckpt.close()
+      writer.close()
   minutes = (time.perf_counter() - t_start) / 60
-  if ckpt is not None:
-    ckpt.wait()
-    ckpt.close()
-  writer.close()
   pictures = plots.write_all(run_dir, writer.history) if is_main else []
   summary = {
       "steps": tcfg.steps,
