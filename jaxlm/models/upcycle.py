@@ -113,6 +113,7 @@ def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, mo
 
 def upcycle(dense: Transformer, moe_cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Transformer:
   """An MoE Transformer of `moe_cfg` whose experts are copies of `dense`'s MLPs (fresh routers)."""
+  check_compatible(dense.cfg, moe_cfg)
   model = build(moe_cfg, mesh, seed=seed)
   state = nnx.state(model)
   pure = upcycle_state(nnx.to_pure_dict(nnx.state(dense)), dense.cfg, nnx.to_pure_dict(state), moe_cfg)

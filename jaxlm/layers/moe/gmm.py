@@ -58,26 +58,28 @@ def capacity_einsum(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array 
   return jnp.einsum("gbk,gkn->gbn", x_mk.reshape(g, block_rows, k), w_gkn).reshape(m, n)
 
 
-def _pallas_available() -> bool:
+def pallas_available() -> bool:
+  """Whether pallas_kernels.gmm is installed (checked without importing it: imports are slow)."""
+  import importlib.util
+
   try:
-    import pallas_kernels.gmm  # noqa: F401
-  except ImportError:
+    return importlib.util.find_spec("pallas_kernels.gmm") is not None
+  except ModuleNotFoundError:
     return False
-  return hasattr(pallas_kernels.gmm, "grouped_matmul")
 
 
+@GMM.register("pallas")
 def pallas(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array | None, *, block_rows: int = 1) -> jax.Array:
+  """pallas_kernels.gmm.grouped_matmul (Mosaic on TPU, Triton on CUDA, ragged_dot elsewhere)."""
   del block_rows
+  if not pallas_available():
+    raise ConfigError("model.moe.gmm_backend='pallas' needs the pallas_kernels package")
   from pallas_kernels.gmm import grouped_matmul as pallas_gmm
 
   e = w_ekn.shape[0]
   if group_sizes_e is None:
     group_sizes_e = jnp.full((e,), x_mk.shape[0] // e, jnp.int32)
   return pallas_gmm(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e.astype(jnp.int32))
-
-
-if _pallas_available():
-  GMM.register("pallas", pallas)
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
@@ -89,7 +91,7 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
   platform = platform or jax.default_backend()
   if platform == "cpu":
     return "capacity_einsum"
-  return "pallas" if "pallas" in GMM else "ragged_dot"
+  return "pallas" if pallas_available() else "ragged_dot"
 
 
 def block_rows_for(backend: str, n_rows: int, n_experts: int, block_rows: int = 0) -> int:
