@@ -80,3 +80,17 @@ def test_inspect_prints_counts_memory_and_sharding(capsys):
   assert main(["inspect", "quickstart", "--json"]) == 0
   r = json.loads(capsys.readouterr().out)
   assert r["params_total"] == r["params_active"] > 3_000_000
+
+
+def test_train_then_eval_and_generate_in_process(tmp_path, capsys):
+  run_dir = tmp_path / "run"
+  assert main(["train", "quickstart:smoke", "--run-dir", str(run_dir), "--set", "train.steps=2", "--set", "train.sample_tokens=0"]) == 0
+  capsys.readouterr()
+  assert main(["eval", str(run_dir), "--batches", "1"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["step"] == 2 and set(report) >= {"eval_loss", "eval_ppl", "eval_loss/stdlib_prose", "eval_loss/stdlib_code"}
+  last_eval = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line][-1]
+  assert report["eval_loss"] == pytest.approx(last_eval["eval_loss"], rel=1e-5)  # same checkpoint, same batches
+  assert main(["generate", str(run_dir), "--prompt", "def ", "--prompt", "x", "--max-new-tokens", "4"]) == 0
+  assert capsys.readouterr().out.count("--- quickstart_smoke step 2") == 2
+  assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "2"]) == 2
