@@ -158,13 +158,14 @@ _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "pred": 1}
 
 
 def hlo_collective_bytes(hlo: str, op: str) -> list[int]:
-  """Operand-0 bytes of every `op` in HLO text (per device, SPMD-partitioned shapes)."""
+  """Result bytes of every `op` in HLO text (per device, SPMD-partitioned shapes; for an
+  all-to-all = its operands; XLA:CPU writes it in tuple form, one array per peer)."""
   sizes = []
   for line in hlo.splitlines():
-    m = re.search(rf"= \(?(\w+)\[([\d,]*)\][^=]*? {re.escape(op)}\(", line)
+    m = re.search(rf"= (.*?) {re.escape(op)}\(", line)
     if m:
-      dims = [int(d) for d in m.group(2).split(",") if d]
-      sizes.append(_BYTES.get(m.group(1), 4) * math.prod(dims))
+      arrays = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
+      sizes.append(sum(_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d) for t, dims in arrays))
   return sizes
 
 
@@ -227,7 +228,7 @@ def a2a_ragged_tpu() -> dict[str, Any]:
       "topology": "v5p:2x2x2",
       "devices": ep,
       "ragged_all_to_all_ops": len(ragged),
-      "ragged_operand_buffer_bytes": ragged,
+      "ragged_output_buffer_bytes": ragged,  # receive-buffer bounds (worst case), not bytes sent
       "metadata_all_to_all_bytes": sum(small),
       "rows_sent_each_way": n_rows,
       "ratio": (sent + sum(small)) / minimum,
@@ -248,7 +249,9 @@ def bench_all_to_all() -> dict[str, Any]:
     out["ragged_tpu"] = {"skipped": "libtpu not installed (pip install 'jaxlm[tpu]'): the ragged path compiles only for TPU/GPU"}
   else:
     code = "import json; from benchmarks.moe import a2a_ragged_tpu; print('RESULT' + json.dumps(a2a_ragged_tpu()))"
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the TPU plugin describes the topology
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # this process may hold libtpu already
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
     out["ragged_tpu"] = json.loads(lines[-1][6:]) if lines else {"error": proc.stderr.strip().splitlines()[-3:]}
   return out

@@ -236,3 +236,15 @@ def test_layer_in_bfloat16_runs_and_is_close_to_float32():
   y16 = moe(p, X, dataclasses.replace(cfg, dtype="bfloat16"))[0]
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.1, atol=0.05)
+
+
+def test_expert_load_heatmap_is_written_from_the_history(tmp_path):
+  from jaxlm.layers.moe.plots import expert_load_heatmap
+  from jaxlm.train.plots import PLOTS
+
+  assert PLOTS.get("moe_expert_load") is expert_load_heatmap
+  assert expert_load_heatmap(tmp_path, [{"step": 1, "loss": 2.0}]) is None  # a dense run: no picture
+  load = np.full((3, 4), 0.25)
+  history = [{"step": s, "metrics/moe_expert_load": (load + 0.01 * s * np.eye(3, 4)).tolist()} for s in (10, 20, 30)]
+  path = expert_load_heatmap(tmp_path, history)
+  assert path == tmp_path / "moe_expert_load.png" and path.stat().st_size > 1000
