@@ -131,7 +131,7 @@ class SoftMoEConfig:
   merge: str = "auto"  # merge implementation (registry key): einsum, pallas, or auto
   dense_warmup: float = 0.0  # fraction of steps trained dense before the FFN is copied into every expert
   extra_segments: int = 1  # packed rows: routing segments beyond seq_len / T kept for document boundaries
-  merge_chunk: int = 0  # segments merged and applied per step of a scan (0: auto); transient memory ~ chunk x 3 x D x F
+  merge_chunk: int = 0  # segments of a row merged per scan step (0: a quarter of them); transient memory ~ chunk x 3 x D x F
   decode_routing: str = "prompt"  # generation: "prompt" (route once on the prompt) or "segments" (re-route every T tokens)
 
   def __post_init__(self):

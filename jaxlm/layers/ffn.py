@@ -9,6 +9,11 @@ stacks them over the layers of that kind). The class also provides
 benchmark) and, if some of its parameters sit idle for a given token, `inactive_params(cfg)`
 (for the active-parameter count), and `validate(exp, mesh_shape) -> None` raising ConfigError
 for settings that depend on the mesh (called by the trainer before anything is written).
+Optional, for kinds that need them: `init_decode_state(cfg, batch, max_len)` plus
+`decode(x_bld, state, *, positions, segment_ids) -> (y_bld, state)` keep per-sequence state
+while generating (the model stores it next to each block's KV cache); `train_hooks(exp,
+graphdef, state) -> {step: fn(TrainState) -> TrainState}` transforms the train state once after
+a given step (the trainer compiles each once). The soft MoE uses both.
 Kinds: `dense` (jaxlm.layers.mlp), `moe`
 (jaxlm.layers.moe), `soft_moe` (jaxlm.layers.soft_moe).
 """

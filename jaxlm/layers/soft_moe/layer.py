@@ -43,13 +43,6 @@ class SoftMoEState(nnx.Variable):
   """Non-trainable soft-MoE state (dense warm-up flag, dropout RNG): changed outside the optimizer."""
 
 
-def _slot_chunk(requested: int, n_slots: int, group_len: int, d_model: int) -> int:
-  if requested <= 0:
-    return auto_chunk(n_slots, group_len, d_model)
-  c = min(requested, n_slots)
-  while n_slots % c:
-    c -= 1
-  return c
 
 
 def _dense_weights(w_ge: jax.Array, dense: jax.Array | None) -> jax.Array:
@@ -98,7 +91,7 @@ def soft_moe(
   w_bge = _dense_weights(gran.weights(probs_bge, layout.continues_bg, m, dropout_key=dropout_key), dense)
   experts = ExpertWeights(params["w_gate"], params["w_up"], params["w_down"])
   n_slots = x_bgtd.shape[1]
-  chunk = _slot_chunk(m.merge_chunk, n_slots, t, d)
+  chunk = m.merge_chunk or auto_chunk(n_slots)
   y_bgtd = apply_merged(x_bgtd, w_bge, experts, merge=MERGE.get(m.merge), chunk=chunk)
   y_bgtd = jnp.where(layout.mask_bgt[..., None], y_bgtd, 0)
   y_bld = from_slots(y_bgtd, layout, length)

@@ -108,21 +108,22 @@ def _chunk_body(merge: MergeFn):
   return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*SAVED))
 
 
-def auto_chunk(n_slots: int, group_len: int, d_model: int) -> int:
-  """Slots per scan step: the merged weights of a step (rows x chunk x 3 x D x F) stay within
-  a quarter of the layer's token activations (rows x n_slots x T x 3 x F), i.e.
-  chunk <= n_slots x T / (4 D); at least 1 and a divisor of n_slots."""
-  target = max(1, min(n_slots, (n_slots * group_len) // (4 * max(d_model, 1))))
-  while n_slots % target:
-    target -= 1
-  return target
+AUTO_STEPS = 4  # merge_chunk=0: the slots of a row go through the scan in this many steps
+
+
+def auto_chunk(n_slots: int) -> int:
+  """Slots per scan step: a quarter of the segments' merged weights are alive at once (the
+  backward pass holds them and their gradient for one step), in few enough steps that the
+  scan costs next to nothing."""
+  return max(1, -(-n_slots // AUTO_STEPS))
 
 
 def apply_merged(x_bgtd: jax.Array, w_bge: jax.Array, experts: ExpertWeights, *, merge: MergeFn, chunk: int) -> jax.Array:
   """SwiGLU of every group through its merged experts, `chunk` slots of every row per scan step.
 
   x_bgtd: [B, G, T, D] tokens of each group (compute dtype); w_bge: [B, G, E] float32 routing
-  weights. The scan runs over the slot axis so every step keeps the batch sharding. The merged
+  weights. The scan runs over the slot axis so every step keeps the batch sharding; slots left
+  over when `chunk` does not divide G go through one more step of their own. The merged
   weights are recomputed in the backward pass, never saved.
   """
   b, g, t, d = x_bgtd.shape
@@ -134,16 +135,14 @@ def apply_merged(x_bgtd: jax.Array, w_bge: jax.Array, experts: ExpertWeights, *,
     y = body(x_bctd.reshape(b * c, t, d), w_bce.reshape(b * c, e), experts)
     return y.reshape(b, c, t, d)
 
-  if chunk <= 0 or chunk >= g:
+  n = g // chunk if 0 < chunk < g else 0
+  if n <= 1:
     return run(x_bgtd, w_bge)
-  if g % chunk:
-    raise ValueError(f"apply_merged: {g} slots per row are not divisible by chunk={chunk}")
-  n = g // chunk
-  xs = jnp.moveaxis(x_bgtd.reshape(b, n, chunk, t, d), 1, 0)
-  ws = jnp.moveaxis(w_bge.reshape(b, n, chunk, e), 1, 0)
-
-  def step(carry, xw):
-    return carry, run(*xw)
-
-  _, ys = jax.lax.scan(step, None, (xs, ws))
-  return jnp.moveaxis(ys, 0, 1).reshape(b, g, t, d)
+  head = n * chunk
+  xs = jnp.moveaxis(x_bgtd[:, :head].reshape(b, n, chunk, t, d), 1, 0)
+  ws = jnp.moveaxis(w_bge[:, :head].reshape(b, n, chunk, e), 1, 0)
+  _, ys = jax.lax.scan(lambda carry, xw: (carry, run(*xw)), None, (xs, ws))
+  y = jnp.moveaxis(ys, 0, 1).reshape(b, head, t, d)
+  if head < g:
+    y = jnp.concatenate([y, run(x_bgtd[:, head:], w_bge[:, head:])], axis=1)
+  return y

@@ -38,6 +38,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.config import SoftMoEConfig
 from jaxlm.registry import Registry
@@ -52,6 +53,7 @@ class Layout(NamedTuple):
   mask_bgt: jax.Array  # bool [B, G, T]: slot holds a real token (not padding, not empty)
   continues_bg: jax.Array  # bool [B, G]: group g continues the document of group g-1
   src_bgt: jax.Array | None  # int32 [B, G, T]: token index of every slot (None: reshape)
+  src_ok_bgt: jax.Array | None  # bool [B, G, T]: the slot holds a token (padding tokens too)
   dst_bl: jax.Array | None  # int32 [B, L]: slot index g * T + t of every token (None: reshape)
   keep_bl: jax.Array | None  # bool [B, L]: the token has a slot (False: no FFN output)
 
@@ -61,7 +63,7 @@ def chunk_layout(batch: int, length: int, group_len: int) -> Layout:
   g = length // group_len
   mask = jnp.ones((batch, g, group_len), bool)
   continues = jnp.broadcast_to(jnp.arange(g) > 0, (batch, g))
-  return Layout(mask, continues, None, None, None)
+  return Layout(mask, continues, None, None, None, None)
 
 
 def packed_layout(segment_ids_bl: jax.Array, positions_bl: jax.Array, group_len: int, n_groups: int) -> Layout:
@@ -87,16 +89,42 @@ def packed_layout(segment_ids_bl: jax.Array, positions_bl: jax.Array, group_len:
   prev_doc_bg = jnp.concatenate([jnp.zeros((b, 1), doc_bg.dtype), doc_bg[:, :-1]], axis=1)
   continues_bg = (doc_bg > 0) & (doc_bg == prev_doc_bg)
   dst_bl = jnp.where(keep_bl, gid_bl * group_len + off_bl, 0)
-  return Layout(mask_bgt, continues_bg, src_bgt, dst_bl, keep_bl)
+  return Layout(mask_bgt, continues_bg, src_bgt, used_bgt, dst_bl, keep_bl)
+
+
+@jax.custom_vjp
+def _move(x_bnd: jax.Array, idx_bm: jax.Array, ok_bm: jax.Array, back_bn: jax.Array, back_ok_bn: jax.Array) -> jax.Array:
+  """out[b, m] = x[b, idx[b, m]] where ok, else 0; `back`/`back_ok` is the inverse map.
+
+  The map is one-to-one between the kept entries of both sides, so the cotangent is the same
+  kind of gather in the other direction (autodiff would scatter-add, which XLA:CPU runs one
+  element at a time).
+  """
+  y = jnp.take_along_axis(x_bnd, idx_bm[:, :, None], axis=1)
+  return jnp.where(ok_bm[:, :, None], y, 0)
+
+
+def _move_fwd(x, idx, ok, back, back_ok):
+  return _move(x, idx, ok, back, back_ok), (idx, ok, back, back_ok)
+
+
+def _move_bwd(res, g_bmd):
+  idx, ok, back, back_ok = res
+  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return _move(g_bmd, back, back_ok, idx, ok), zero(idx), zero(ok), zero(back), zero(back_ok)
+
+
+_move.defvjp(_move_fwd, _move_bwd)
 
 
 def to_slots(x_bld: jax.Array, layout: Layout, group_len: int) -> jax.Array:
-  """[B, L, D] -> [B, G, T, D] (padding slots hold token 0's values; mask_bgt says which)."""
+  """[B, L, D] -> [B, G, T, D]; slots without a token hold 0."""
   b, length, d = x_bld.shape
   if layout.src_bgt is None:
     return x_bld.reshape(b, length // group_len, group_len, d)
   _, g, t = layout.src_bgt.shape
-  x = jnp.take_along_axis(x_bld, layout.src_bgt.reshape(b, g * t, 1), axis=1)
+  used = layout.src_ok_bgt.reshape(b, g * t)
+  x = _move(x_bld, layout.src_bgt.reshape(b, g * t), used, layout.dst_bl, layout.keep_bl)
   return x.reshape(b, g, t, d)
 
 
@@ -106,8 +134,7 @@ def from_slots(y_bgtd: jax.Array, layout: Layout, length: int) -> jax.Array:
   y = y_bgtd.reshape(b, g * t, d)
   if layout.dst_bl is None:
     return y
-  y = jnp.take_along_axis(y, layout.dst_bl[:, :, None], axis=1)
-  return jnp.where(layout.keep_bl[:, :, None], y, 0)
+  return _move(y, layout.dst_bl, layout.keep_bl, layout.src_bgt.reshape(b, g * t), layout.src_ok_bgt.reshape(b, g * t))
 
 
 def group_means(x_bgtd: jax.Array, mask_bgt: jax.Array) -> jax.Array:
