@@ -141,14 +141,15 @@ def test_jitter_only_in_training_and_deterministic_in_eval():
   layer = MoE(cfg, rngs=nnx.Rngs(0))
   layer.router[...] = jax.random.normal(jax.random.key(1), (4, 4))
   x = jax.random.normal(jax.random.key(2), (2, 16, 4))
-  a, b = layer(x)[0], layer(x)[0]
+  call = nnx.jit(lambda layer, x: layer(x)[0])
+  a, b = call(layer, x), call(layer, x)
   assert not np.allclose(a, b)  # a fresh draw per training call
   assert int(layer.jitter_step[0]) == 2
   layer.eval()
-  c, d = layer(x)[0], layer(x)[0]
+  c, d = call(layer, x), call(layer, x)
   np.testing.assert_array_equal(c, d)
   p = {"router": layer.router[...], "w_gate": layer.w_gate[...], "w_up": layer.w_up[...], "w_down": layer.w_down[...]}
-  np.testing.assert_allclose(c, moe(p, x, cfg)[0], rtol=1e-6)
+  np.testing.assert_allclose(c, moe(p, x, cfg)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
