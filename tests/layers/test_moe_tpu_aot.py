@@ -7,6 +7,7 @@ this CPU host and reports per-chip memory. Skipped without libtpu (pip install '
 
 import dataclasses
 import importlib.util
+import os
 
 import pytest
 
@@ -22,6 +23,7 @@ def devices():
     pytest.skip("libtpu is not installed (pip install 'jaxlm[tpu]'); TPU AOT compile needs it")
   from jaxlm.train import aot
 
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU here: other processes may have loaded libtpu too
   return aot.topology_devices("v5p:2x2x2")
 
 
