@@ -61,6 +61,9 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, cfg: SamplingConfig) -> 
 def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_allowed: int, eos_id: int, pad_id: int):
   model = nnx.merge(graphdef, state)
   model.eval()
+  # The loop body rebuilds the model (fresh variables, `copy=True`): variables of this trace
+  # cannot be used inside the loop's trace when the layers use NNX transforms (scan, remat).
+  graphdef, state = nnx.split(model)
   batch, prompt_len = tokens_bp.shape
   cache = model.init_cache(batch, prompt_len + cfg.max_new_tokens)
   prompt_ids = (jnp.arange(prompt_len)[None, :] < lengths_b[:, None]).astype(jnp.int32)  # 0 = padding
@@ -87,7 +90,7 @@ def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_a
     tok = jnp.where(done, pad_id, tok)
     out = out.at[:, i].set(tok)
     done = done | (tok == eos_id)
-    logits, cache = model.decode(tok[:, None], cache)
+    logits, cache = nnx.merge(graphdef, state, copy=True).decode(tok[:, None], cache)
     return out, logits[:, 0], cache, done, key
 
   out, *_ = jax.lax.fori_loop(0, cfg.max_new_tokens, body, (out, last, cache, jnp.zeros((batch,), bool), key))

@@ -48,6 +48,19 @@ def test_prompts_of_different_lengths_in_one_batch_equal_each_alone(model):
   assert together == alone
 
 
+def test_scanned_rematerialised_model_generates_the_same(model):
+  """Layers under nnx.scan + nnx.remat decode inside the sampling loop like unrolled ones."""
+  import dataclasses
+
+  from tests.models.test_transformer import stacked_from_unrolled
+
+  scanned = Transformer(dataclasses.replace(CFG, scan_layers=True, remat="full"), rngs=nnx.Rngs(1))
+  stacked_from_unrolled(model, scanned)
+  prompts = [[1, 12, 13], [1, 50]]
+  cfg = SamplingConfig(max_new_tokens=5)
+  assert generate_tokens(scanned, prompts, cfg, n_allowed=64, eos_id=EOS) == generate_tokens(model, prompts, cfg, n_allowed=64, eos_id=EOS)
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
   prompts = [[1, 12, 13], [1, 50]]
   greedy = generate_tokens(model, prompts, SamplingConfig(max_new_tokens=5), n_allowed=64, eos_id=EOS)
