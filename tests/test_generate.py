@@ -52,10 +52,10 @@ def test_scanned_rematerialised_model_generates_the_same(model):
   """Layers under nnx.scan + nnx.remat decode inside the sampling loop like unrolled ones."""
   import dataclasses
 
-  from tests.models.test_transformer import stacked_from_unrolled
+  from jaxlm.models import load_unrolled_into_scanned
 
   scanned = Transformer(dataclasses.replace(CFG, scan_layers=True, remat="full"), rngs=nnx.Rngs(1))
-  stacked_from_unrolled(model, scanned)
+  load_unrolled_into_scanned(model, scanned)
   prompts = [[1, 12, 13], [1, 50]]
   cfg = SamplingConfig(max_new_tokens=5)
   assert generate_tokens(scanned, prompts, cfg, n_allowed=64, eos_id=EOS) == generate_tokens(model, prompts, cfg, n_allowed=64, eos_id=EOS)

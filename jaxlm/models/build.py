@@ -60,3 +60,26 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   inactive = sum(getattr(FFN.get(k), "inactive_params", lambda c: 0)(cfg) for k in cfg.ffn_kinds)
   embed = cfg.vocab_size * cfg.d_model
   return {"total": total, "active": total - inactive, "embedding": embed}
+
+
+def load_unrolled_into_scanned(unrolled: Transformer, scanned: Transformer) -> None:
+  """Copy an unrolled model's weights into a `scan_layers` model of the same config, in place.
+
+  Layer i = first_k_dense + u * ffn_every + j becomes row u of the scanned unit's block j.
+  """
+  cfg = scanned.cfg
+  src = nnx.to_pure_dict(nnx.state(unrolled))
+  dst = nnx.to_pure_dict(nnx.state(scanned))
+  k0, period = cfg.first_k_dense, cfg.ffn_every
+  n_units = (cfg.n_layers - k0) // period
+  for i in range(k0):
+    dst["prefix"][i] = src["blocks"][i]
+  for j in range(period):
+    layers = [src["blocks"][k0 + u * period + j] for u in range(n_units)]
+    dst["units"]["blocks"][j] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)
+  for k in src:
+    if k != "blocks":
+      dst[k] = src[k]
+  state = nnx.state(scanned)
+  nnx.replace_by_pure_dict(state, dst)
+  nnx.update(scanned, state)

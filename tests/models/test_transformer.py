@@ -9,28 +9,9 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.models import Transformer
+from jaxlm.models import Transformer, load_unrolled_into_scanned
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=48, dtype="float32")
-
-
-def stacked_from_unrolled(unrolled: Transformer, scanned: Transformer) -> None:
-  """Copy an unrolled model's weights into a scanned model of the same config."""
-  cfg = scanned.cfg
-  src = nnx.to_pure_dict(nnx.state(unrolled))
-  dst = nnx.to_pure_dict(nnx.state(scanned))
-  k0, period = cfg.first_k_dense, cfg.ffn_every
-  n_units = (cfg.n_layers - k0) // period
-  for i in range(k0):
-    dst["prefix"][i] = src["blocks"][i]
-  for j in range(period):
-    layers = [src["blocks"][k0 + u * period + j] for u in range(n_units)]
-    dst["units"]["blocks"][j] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-  for k in ("embed", "final_norm"):
-    dst[k] = src[k]
-  state = nnx.state(scanned)
-  nnx.replace_by_pure_dict(state, dst)
-  nnx.update(scanned, state)
 
 
 @nnx.jit
@@ -50,7 +31,7 @@ def test_scan_equals_unrolled(first_k_dense):
   cfg = dataclasses.replace(CFG, first_k_dense=first_k_dense, n_layers=3 if first_k_dense else 4)
   unrolled = Transformer(cfg, rngs=nnx.Rngs(0))
   scanned = Transformer(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(1))
-  stacked_from_unrolled(unrolled, scanned)
+  load_unrolled_into_scanned(unrolled, scanned)
   x = tokens((2, 12))
   np.testing.assert_allclose(logits_of(unrolled, x), logits_of(scanned, x), atol=1e-5)
 
