@@ -263,3 +263,21 @@ def test_merged_weights_are_not_kept_for_the_backward_pass():
   no_scan = temp(lambda p, x: soft_moe(p, x, one_step)[0], p)
   merged_all = b * (length // t) * 3 * d * f * 4
   assert soft - ref < 0.4 * merged_all < no_scan - ref, (soft, no_scan, ref, merged_all)
+
+
+def test_pallas_merge_matches_einsum_with_and_without_a_mesh():
+  """The `pallas` merge (pallas_kernels.merge; XLA reference on CPU) inside its shard_map."""
+  from jaxlm.config import MeshConfig
+  from jaxlm.sharding import make_mesh, state_shardings
+
+  layer = SoftMergedMoE(with_soft(merge="pallas"), rngs=nnx.Rngs(0))
+  x = randn((2, 16, CFG.d_model), 5)
+  ref = SoftMergedMoE(CFG, rngs=nnx.Rngs(0))
+  y_ref, _ = call(ref, x)
+  np.testing.assert_allclose(call(layer, x)[0], y_ref, atol=1e-6)
+  mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
+  graphdef, state = nnx.split(layer)
+  with jax.set_mesh(mesh):
+    sharded = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+    y, _ = call(sharded, x)
+  np.testing.assert_allclose(y, y_ref, atol=1e-6)

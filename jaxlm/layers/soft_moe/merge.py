@@ -49,12 +49,36 @@ class ExpertWeights(NamedTuple):
 MergeFn = Callable[..., jax.Array]
 
 
+@jax.custom_vjp
+def _einsum_merge(w_ge: jax.Array, experts_exy: jax.Array) -> jax.Array:
+  out = jnp.einsum("ge,exy->gxy", w_ge, experts_exy, preferred_element_type=jnp.float32)
+  return out.astype(experts_exy.dtype)
+
+
+def _einsum_merge_fwd(w_ge, experts_exy):
+  return _einsum_merge(w_ge, experts_exy), (w_ge, experts_exy)
+
+
+def _einsum_merge_bwd(res, d_gxy):
+  w_ge, experts_exy = res
+  d_w = jnp.einsum("gxy,exy->ge", d_gxy, experts_exy, preferred_element_type=jnp.float32)
+  d_experts = jnp.einsum("ge,gxy->exy", w_ge, d_gxy, preferred_element_type=jnp.float32)
+  return d_w.astype(w_ge.dtype), d_experts.astype(experts_exy.dtype)
+
+
+_einsum_merge.defvjp(_einsum_merge_fwd, _einsum_merge_bwd)
+
+
 @MERGE.register("einsum")
 def einsum_merge(w_ge: jax.Array, experts_exy: jax.Array, *, mlp_axis: int) -> jax.Array:
-  """[G, E] x [E, X, Y] -> [G, X, Y] in the experts' dtype, float32 accumulation."""
+  """[G, E] x [E, X, Y] -> [G, X, Y] in the experts' dtype, float32 accumulation.
+
+  A custom VJP (the same two einsums autodiff would write) keeps the merge opaque to remat
+  policies: `dots_saveable`-style policies of the model's block remat would otherwise save the
+  merged weights of every layer, which is exactly the memory this layer avoids.
+  """
   del mlp_axis
-  out = jnp.einsum("ge,exy->gxy", w_ge.astype(jnp.float32), experts_exy, preferred_element_type=jnp.float32)
-  return out.astype(experts_exy.dtype)
+  return _einsum_merge(w_ge.astype(jnp.float32), experts_exy)
 
 
 @MERGE.register("pallas")
