@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -29,14 +30,18 @@ def params(run_dir):
 
 
 def test_resume_is_exact(tmp_path):
+  """Stop after step 4 (the state of its step-4 checkpoint), rerun: steps 5-6 match exactly."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train(EXP, straight)
-  train(dataclasses.replace(EXP, train=dataclasses.replace(EXP.train, steps=4)), resumed)  # "interrupted" after step 4
-  assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  # The "interrupted" run: the straight run's directory as it was right after step 4.
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "6")
+  kept = [line for line in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 4]
+  (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
   summary = train(EXP, resumed)  # the same command again: continues at step 5
   assert summary["steps"] == 6
   l_straight, l_resumed = losses(straight), losses(resumed)
-  assert sorted(l_resumed) == sorted(l_straight)
+  assert sorted(l_resumed) == sorted(l_straight) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([l_resumed[s] for s in (5, 6)], [l_straight[s] for s in (5, 6)], rtol=1e-6)
   (s1, p1), (s2, p2) = params(straight), params(resumed)
   assert s1 == s2 == 6

@@ -47,10 +47,21 @@ def run(exp, n_steps, devices=None):
   return state, losses
 
 
-def test_sharded_step_equals_single_device():
-  sharded_state, sharded_losses = run(EXP, 3)
-  single = dataclasses.replace(EXP, mesh=MeshConfig(fsdp=1))
-  single_state, single_losses = run(single, 3, devices=jax.devices()[:1])
+SINGLE = dataclasses.replace(EXP, mesh=MeshConfig(fsdp=1))
+
+
+@pytest.fixture(scope="module")
+def sharded_run():
+  return run(EXP, 3)
+
+
+@pytest.fixture(scope="module")
+def single_run():
+  return run(SINGLE, 3, devices=jax.devices()[:1])
+
+
+def test_sharded_step_equals_single_device(sharded_run, single_run):
+  (sharded_state, sharded_losses), (single_state, single_losses) = sharded_run, single_run
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(sharded_state.params)}
   assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs)  # really sharded
   np.testing.assert_allclose(sharded_losses, single_losses, rtol=2e-5)
@@ -81,9 +92,9 @@ def test_step_compiles_once():
     assert got.sharding.is_equivalent_to(want, got.ndim)
 
 
-def test_gradient_accumulation_equals_full_batch():
-  full_state, full_losses = run(EXP, 2)
-  acc_state, acc_losses = run(dataclasses.replace(EXP, train=dataclasses.replace(EXP.train, grad_accum=2)), 2)
+def test_gradient_accumulation_equals_full_batch(sharded_run):
+  full_state, full_losses = sharded_run
+  acc_state, acc_losses = run(dataclasses.replace(EXP, train=dataclasses.replace(EXP.train, grad_accum=2)), 3)
   np.testing.assert_allclose(full_losses, acc_losses, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(acc_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -97,19 +108,26 @@ def test_token_losses_by_hand():
   assert float(n) == 1
 
 
-def test_z_loss_weight_changes_gradients_only_when_set():
-  exp = dataclasses.replace(EXP, mesh=MeshConfig())
-  exp_z = dataclasses.replace(exp, train=dataclasses.replace(EXP.train, z_loss_weight=1e-1))
-  one = jax.devices()[:1]
-  (s0, l0), (s1, l1) = run(exp, 2, one), run(exp_z, 2, one)
+def test_z_loss_weight_changes_gradients_only_when_set(single_run):
+  s0, l0 = single_run
+  exp_z = dataclasses.replace(SINGLE, train=dataclasses.replace(EXP.train, z_loss_weight=1e-1))
+  s1, l1 = run(exp_z, 3, jax.devices()[:1])
   assert l0[0] == pytest.approx(l1[0], rel=1e-6)  # same reported cross-entropy before any update
   assert not np.allclose(jax.tree.leaves(s0.params)[0], jax.tree.leaves(s1.params)[0])
 
 
 def test_no_weight_decay_on_norms():
-  setup = loop.prepare(dataclasses.replace(EXP, mesh=MeshConfig()), jax.devices()[:1])
-  mask = nnx.to_pure_dict(decay_mask(setup.state.params))
+  from jaxlm.models import abstract_model
+  from jaxlm.train.step import split_model
+
+  _, params, _ = split_model(abstract_model(dataclasses.replace(EXP.model, scan_layers=False)))
+  mask = nnx.to_pure_dict(decay_mask(params))
   assert mask["blocks"][0]["attn_norm"]["scale"] is False
   assert mask["final_norm"]["scale"] is False
   assert mask["blocks"][0]["ffn"]["w_up"] is True
   assert mask["embed"]["w_vd"] is True
+  # Scanned layers stack a leading axis on every variable: a stacked norm scale stays undecayed.
+  _, params, _ = split_model(abstract_model(dataclasses.replace(EXP.model, scan_layers=True)))
+  mask = nnx.to_pure_dict(decay_mask(params))
+  assert mask["units"]["blocks"][0]["ffn_norm"]["scale"] is False
+  assert mask["units"]["blocks"][0]["attn"]["w_q"] is True
