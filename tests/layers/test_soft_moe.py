@@ -281,3 +281,17 @@ def test_pallas_merge_matches_einsum_with_and_without_a_mesh():
     sharded = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
     y, _ = call(sharded, x)
   np.testing.assert_allclose(y, y_ref, atol=1e-6)
+
+
+def test_sequence_granularity_routes_each_document_on_its_own_mean():
+  """SMEAR: one merge per document from the mean of its layer input (all of it)."""
+  cfg = with_soft(granularity="sequence", allow_noncausal_routing=True)
+  layer = SoftMergedMoE(cfg, rngs=nnx.Rngs(0))
+  p = params_of(layer)
+  x = randn((1, 16, cfg.d_model), 3)
+  seg, pos = packed([6, 10], 16)
+  y, _ = call(layer, x, seg, pos)
+  for lo, hi in ((0, 6), (6, 16)):
+    w = jax.nn.softmax(x[0, lo:hi].mean(0) @ p["router"])
+    merged = [jnp.einsum("e,exy->xy", w, p[k]) for k in ("w_gate", "w_up", "w_down")]
+    np.testing.assert_allclose(y[0, lo:hi], swiglu(x[:, lo:hi], *merged)[0], atol=1e-5)
