@@ -32,6 +32,12 @@ def experiment() -> Experiment:
   )
 
 
+def causal() -> Experiment:
+  """Strictly causal: segment 1 uses uniform weights instead of routing on its own mean."""
+  exp = experiment()
+  return dataclasses.replace(exp, name="lory_quickstart_causal", model=dataclasses.replace(exp.model, soft_moe=dataclasses.replace(exp.model.soft_moe, first_segment="uniform")))
+
+
 def warmup() -> Experiment:
   """Dense for the first 10% of steps, then the FFN is copied into every expert."""
   exp = experiment()
