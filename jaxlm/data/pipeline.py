@@ -1,11 +1,13 @@
-"""The grain pipeline: sources -> host shard -> tokenize -> weighted mixture -> pack -> batch.
+"""The grain pipeline: per source (documents -> host shard -> tokenize -> pack) -> mixture -> batch.
 
 Each source is a random-access list of documents; documents are shuffled (reshuffled every
-epoch), repeated forever and tokenized as [BOS] text [EOS]. `MapDataset.mix` interleaves the
-sources by their weights (weights count documents, not tokens). Every JAX process keeps every
-`process_count`-th element, so hosts read disjoint data. Packing concatenates documents and
-splits at `seq_len` (grain's ConcatThenSplit), recording for every token its document
-(`segment_ids`, from 1) and its position in that document; nothing is padded in training.
+epoch, or ordered by similarity chains with `data.similarity`), repeated forever and tokenized
+as [BOS] text [EOS]. Every JAX process keeps every `process_count`-th document, so hosts read
+disjoint data. Packing concatenates a source's documents and splits at `seq_len` (grain's
+ConcatThenSplit), recording for every token its document (`segment_ids`, from 1) and its
+position in that document; nothing is padded in training. `IterDataset.mix` then interleaves
+the sources' packed rows by their weights: the weights are shares of tokens (rows hold the same
+number of tokens), whatever the documents' lengths, and every row holds one source.
 
 A batch is a dict of int32 numpy arrays [local_batch, seq_len]: inputs, targets, segment_ids,
 positions and loss_mask (1 where the target is a real next token). The whole pipeline is
@@ -74,22 +76,31 @@ def lm_dataset(
   own, so a row holds neighbouring documents of one source; the mixture then weighs rows.
   """
   names = [k for k, w in mixture.items() if w > 0]
-  if similarity != "none":
-    kw = dict(seq_len=seq_len, seed=seed, add_bos=add_bos, cache_dir=cache_dir, process_index=process_index, process_count=process_count)
-    rows = [_similarity_rows(n, split, tokenizer, method=similarity, neighbors=similarity_neighbors, **kw) for n in names]
-    it = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [float(mixture[n]) for n in names])
-    return it.batch(batch_size, drop_remainder=True).map(_finalize)
-  parts = []
+  kw = dict(seq_len=seq_len, add_bos=add_bos, process_index=process_index, process_count=process_count)
+  rows = []
   for i, name in enumerate(names):
-    ds = grain.MapDataset.source(sources.load(name, split, cache_dir))
-    if shuffle:
-      ds = ds.shuffle(seed=seed * 1_000_003 + i)
-    parts.append(ds.repeat().map(Tokenize(tokenizer, add_bos)))
-  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(mixture[n]) for n in names])
+    docs = sources.load(name, split, cache_dir)
+    if similarity != "none":
+      rows.append(_similarity_rows(docs, tokenizer, method=similarity, neighbors=similarity_neighbors, seed=seed, cache_dir=cache_dir, **kw))
+    else:
+      rows.append(_shuffled_rows(docs, tokenizer, shuffle_seed=(seed * 1_000_003 + i) if shuffle else None, **kw))
+  it = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [float(mixture[n]) for n in names])
+  return it.batch(batch_size, drop_remainder=True).map(_finalize)
+
+
+def _pack(ds: grain.MapDataset, seq_len: int) -> grain.IterDataset:
+  return grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len})
+
+
+def _shuffled_rows(docs: Sequence[str], tokenizer: Tokenizer, *, shuffle_seed: int | None, seq_len: int, add_bos: bool, process_index: int, process_count: int) -> grain.IterDataset:
+  """One source's documents, shuffled anew every epoch, this process's share, packed into rows."""
+  ds = grain.MapDataset.source(docs)
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  ds = ds.repeat()
   if process_count > 1:
     ds = ds[process_index::process_count]
-  it = grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len})
-  return it.batch(batch_size, drop_remainder=True).map(_finalize)
+  return _pack(ds.map(Tokenize(tokenizer, add_bos)), seq_len)
 
 
 class _Reordered(Sequence[str]):
@@ -103,18 +114,16 @@ class _Reordered(Sequence[str]):
     return self.docs[int(self.order[i])]
 
 
-def _similarity_rows(name: str, split: str, tokenizer: Tokenizer, *, method: str, neighbors: int, seq_len: int, seed: int, add_bos: bool, cache_dir: str, process_index: int, process_count: int) -> grain.IterDataset:
+def _similarity_rows(docs: Sequence[str], tokenizer: Tokenizer, *, method: str, neighbors: int, seed: int, cache_dir: str, seq_len: int, add_bos: bool, process_index: int, process_count: int) -> grain.IterDataset:
   """One source's documents in In-Context-Pretraining order, this process's contiguous share of
   the chain, repeated and packed into rows (In-Context Pretraining, Shi et al. 2023)."""
   from jaxlm.data import similarity
   from jaxlm.data.stdlib_corpus import default_cache_dir
 
-  docs = sources.load(name, split, cache_dir)
   order = similarity.similarity_order(docs, k=neighbors, method=method, seed=seed, cache_dir=default_cache_dir(cache_dir))
   n = len(order)
   share = order[process_index * n // process_count : (process_index + 1) * n // process_count]
-  ds = grain.MapDataset.source(_Reordered(docs, share)).repeat().map(Tokenize(tokenizer, add_bos))
-  return grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"inputs": seq_len, "targets": seq_len})
+  return _pack(grain.MapDataset.source(_Reordered(docs, share)).repeat().map(Tokenize(tokenizer, add_bos)), seq_len)
 
 
 def take(ds: grain.IterDataset, n: int) -> Iterator[Batch]:

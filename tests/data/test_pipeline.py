@@ -87,13 +87,23 @@ def test_iterator_state_resumes_exactly():
   np.testing.assert_array_equal(expected, [next(it2)["inputs"] for _ in range(2)])
 
 
-def test_mixture_weights_pick_documents_in_proportion():
-  ds = pipeline.lm_dataset({"stdlib_prose": 0.9, "stdlib_code": 0.1}, "train", ByteTokenizer(), seq_len=512, batch_size=8, seed=0)
-  text = ByteTokenizer().decode(next(iter(ds))["inputs"].ravel())
-  code_like = text.count("def ") + text.count("import ")
-  ds_code = pipeline.lm_dataset({"stdlib_prose": 0.1, "stdlib_code": 0.9}, "train", ByteTokenizer(), seq_len=512, batch_size=8, seed=0)
-  text_code = ByteTokenizer().decode(next(iter(ds_code))["inputs"].ravel())
-  assert text_code.count("def ") + text_code.count("import ") > 3 * max(code_like, 1)
+@pytest.mark.parametrize("similarity", ["none", "exact"])
+def test_mixture_weights_are_token_shares(similarity):
+  """Every row holds one source, and a source's weight is its share of the rows (= tokens)."""
+  tok = ByteTokenizer()
+  prose = sources.load("stdlib_prose", "train")
+  prose_text = "\n".join(prose[i] for i in range(len(prose)))
+  ds = pipeline.lm_dataset({"stdlib_prose": 0.7, "stdlib_code": 0.3}, "train", tok, seq_len=256, batch_size=50, seed=0, similarity=similarity)
+  it = iter(ds)
+  batches = [next(it) for _ in range(4)]
+
+  def is_prose(inputs, segment_ids):
+    longest = np.bincount(segment_ids).argmax()  # the row's longest document piece
+    text = tok.decode(inputs[segment_ids == longest])
+    return text[8:48] in prose_text
+
+  share = np.mean([is_prose(b["inputs"][r], b["segment_ids"][r]) for b in batches for r in range(50)])
+  assert 0.6 < share < 0.8, share
 
 
 def test_file_sources(tmp_path):
