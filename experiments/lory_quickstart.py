@@ -1,6 +1,6 @@
 """Lory on the CPU quickstart: the dense quickstart with every FFN a soft-merged MoE of 8 experts.
 
-Same model shape, steps and tokens as `quickstart` (4 layers of width 256, 250 steps of 16 x 256
+Same model shape, steps and tokens as `quickstart` (4 layers of width 256, 200 steps of 16 x 256
 tokens); each FFN becomes 8 SwiGLU experts merged per segment of 64 tokens (Lory, Zhong et al.
 2024), so the active parameters match the dense run and the total is ~4x. Training documents
 are ordered by similarity (In-Context Pretraining) so a sequence holds related documents;
