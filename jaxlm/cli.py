@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
   i = sub.add_parser("inspect", help="parameters, FLOPs, memory per device and sharding of an experiment")
   i.add_argument("experiment")
   i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-  i.add_argument("--devices", type=int, default=None, help="lay out on this many devices (default: mesh.devices, else those present)")
+  i.add_argument("--devices", type=int, default=None, help="lay out on this many devices (default: the topology's, else mesh.devices, else those present)")
   i.add_argument("--json", action="store_true", help="print the report as JSON")
   i.add_argument("--topology", help="also compile the train step for this TPU topology, e.g. v5p:4x4x2 (needs libtpu)")
 
@@ -119,11 +119,15 @@ def _inspect(args) -> int:
   from jaxlm.report import format_report, report
 
   exp = experiments.load(args.experiment, args.overrides)
-  r = report(exp, args.devices)
-  if args.topology:
+  if not args.topology:
+    r = report(exp, args.devices)
+  else:
     from jaxlm.train import aot
 
     devices = aot.topology_devices(args.topology)
+    if args.devices not in (None, len(devices)):
+      raise ConfigError(f"--devices {args.devices} disagrees with --topology {args.topology} ({len(devices)} devices)")
+    r = report(exp, len(devices))  # the estimate and the compiled figures describe one mesh
     r["compiled"] = {"topology": args.topology, "devices": len(devices), "device_kind": devices[0].device_kind, **aot.summary(aot.compile_train_step(exp, devices))}
   if args.json:
     print(json.dumps({k: v for k, v in r.items()}, indent=2, default=str))
