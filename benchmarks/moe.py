@@ -90,9 +90,9 @@ def bench_time(rounds: int) -> dict[str, Any]:
 def _compiled_flops(fn, *args) -> float:
   import jax
 
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  from jaxlm.train import aot
+
+  return aot.summary(jax.jit(fn).lower(*args).compile())["flops"]
 
 
 def gshard_onehot(p, x_bld, cfg):
@@ -124,7 +124,7 @@ def bench_flops() -> dict[str, Any]:
 
   from jaxlm.experiments import load
   from jaxlm.layers.moe import MoE, moe
-  from jaxlm.train import flops, loop
+  from jaxlm.train import aot, flops
 
   out: dict[str, Any] = {}
   x = jax.random.normal(jax.random.key(0), (B, L, D))
@@ -142,13 +142,9 @@ def bench_flops() -> dict[str, Any]:
     if overrides:
       exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, moe=dataclasses.replace(exp.model.moe, **overrides)))
     exp = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, fsdp=1))
-    setup = loop.prepare(exp, jax.devices()[:1])
     b, l = exp.data.batch_size, exp.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((b, l), np.int32, sharding=setup.batch_sharding) for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-    with jax.set_mesh(setup.mesh):
-      cost = setup.train_step.lower(setup.state, batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out[f"train_step_{name}"] = float(cost["flops"]) / (b * l * flops.train_flops_per_token(exp.model, l))
+    compiled = aot.summary(aot.compile_train_step(exp, jax.devices()[:1]))["flops"]
+    out[f"train_step_{name}"] = compiled / (b * l * flops.train_flops_per_token(exp.model, l))
   return out
 
 
@@ -236,24 +232,26 @@ def a2a_ragged_tpu() -> dict[str, Any]:
   }
 
 
+def _in_child(fn_name: str, env: dict[str, str]) -> dict[str, Any]:
+  """Run `benchmarks.moe.<fn_name>()` in a fresh process (its own devices/platform); its JSON result."""
+  code = f"import json; from benchmarks.moe import {fn_name}; print('RESULT' + json.dumps({fn_name}()))"
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+  return json.loads(lines[-1][6:]) if lines else {"error": proc.stderr.strip().splitlines()[-3:]}
+
+
 def bench_all_to_all() -> dict[str, Any]:
   out: dict[str, Any] = {}
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  code = "import json; from benchmarks.moe import a2a_padded; print('RESULT' + json.dumps(a2a_padded()))"
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-  out["padded_cpu"] = json.loads(lines[-1][6:]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]}
+  out["padded_cpu"] = _in_child("a2a_padded", env)
   import importlib.util
 
   if importlib.util.find_spec("libtpu") is None:
     out["ragged_tpu"] = {"skipped": "libtpu not installed (pip install 'jaxlm[tpu]'): the ragged path compiles only for TPU/GPU"}
   else:
-    code = "import json; from benchmarks.moe import a2a_ragged_tpu; print('RESULT' + json.dumps(a2a_ragged_tpu()))"
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the TPU plugin describes the topology
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # this process may hold libtpu already
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-    out["ragged_tpu"] = json.loads(lines[-1][6:]) if lines else {"error": proc.stderr.strip().splitlines()[-3:]}
+    out["ragged_tpu"] = _in_child("a2a_ragged_tpu", env)
   return out
 
 

@@ -35,6 +35,7 @@ from jaxlm.layers.mlp import swiglu
 from jaxlm.layers.soft_moe import layer as soft_layer
 from jaxlm.layers.soft_moe.layer import SoftMergedMoE, soft_moe
 from jaxlm.layers.soft_moe.merge import apply_merged, merge_all, merged_swiglu_groups
+from jaxlm.train import aot
 
 E, T, D, F, L = 8, 256, 512, 1408, 4096
 
@@ -75,11 +76,7 @@ def layer_fns(packed: bool, chunk: int = 0) -> tuple[Callable, Callable, dict, d
 
 
 def compiled_stats(fn, *args) -> dict[str, float]:
-  c = fn.lower(*args).compile()
-  cost = c.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = c.memory_analysis()
-  return {"flops": float(cost.get("flops", 0.0)), "temp_bytes": float(mem.temp_size_in_bytes), "argument_bytes": float(mem.argument_size_in_bytes)}
+  return aot.summary(fn.lower(*args).compile())
 
 
 def layer_benchmarks(rounds: int) -> dict[str, Any]:
@@ -103,17 +100,15 @@ def layer_benchmarks(rounds: int) -> dict[str, Any]:
         "dense_s": t["dense"],
         "time_ratio": t["soft"] / t["dense"],
         "flops_ratio": s_soft["flops"] / s_dense["flops"],
-        "temp_ratio": s_chunked["temp_bytes"] / s_dense["temp_bytes"],
-        "temp_ratio_no_scan": s_soft["temp_bytes"] / s_dense["temp_bytes"],
-        "naive_temp_ratio": s_naive["temp_bytes"] / s_dense["temp_bytes"],
+        "temp_ratio": s_chunked["temporaries"] / s_dense["temporaries"],
+        "temp_ratio_no_scan": s_soft["temporaries"] / s_dense["temporaries"],
+        "naive_temp_ratio": s_naive["temporaries"] / s_dense["temporaries"],
     }
     print(f"layer {name}: time {out[name]['time_ratio']:.3f}x, flops {out[name]['flops_ratio']:.4f}x, temp memory {out[name]['temp_ratio']:.3f}x (no scan {out[name]['temp_ratio_no_scan']:.3f}x, naive merge {out[name]['naive_temp_ratio']:.3f}x)")
   return out
 
 
 def train_step_stats(cfg: ModelConfig, *, naive: bool = False, batch: int = 1, seq_len: int = L) -> dict[str, float]:
-  from jaxlm.train import loop
-
   exp = Experiment(
       name="bench_soft_moe", mesh=MeshConfig(fsdp=1), model=cfg, data=DataConfig(seq_len=seq_len, batch_size=batch),
       optim=OptimConfig(), train=TrainConfig(steps=10),
@@ -122,14 +117,7 @@ def train_step_stats(cfg: ModelConfig, *, naive: bool = False, batch: int = 1, s
   if naive:
     soft_layer.apply_merged = naive_apply_merged
   try:
-    setup = loop.prepare(exp, jax.devices()[:1])
-    rng = np.random.default_rng(0)
-    toks = rng.integers(3, cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
-    ones = np.ones((batch, seq_len), np.int32)
-    pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
-    data = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": ones, "positions": pos, "loss_mask": ones}
-    with jax.set_mesh(setup.mesh):
-      return compiled_stats(setup.train_step, setup.state, loop.to_global(data, setup.batch_sharding))
+    return aot.summary(aot.compile_train_step(exp, jax.devices()[:1]))
   finally:
     soft_layer.apply_merged = original
 
@@ -146,11 +134,11 @@ def train_step_benchmarks() -> dict[str, Any]:
   dense_s, soft_s, naive_s = (train_step_stats(c, naive=n, **short) for c, n in ((dataclasses.replace(model_cfg(), ffn="dense"), False), (model_cfg(), False), (model_cfg(), True)))
   out = {
       "flops_ratio": soft_all["flops"] / dense["flops"],
-      "short_rows": {"batch": 4, "seq_len": 1024, "temp_ratio": soft_s["temp_bytes"] / dense_s["temp_bytes"], "naive_temp_ratio": naive_s["temp_bytes"] / dense_s["temp_bytes"]},
-      "temp_ratio": soft["temp_bytes"] / dense["temp_bytes"],
-      "naive_temp_ratio": naive["temp_bytes"] / dense["temp_bytes"],
-      "remat_temp_ratio": soft_remat["temp_bytes"] / dense_remat["temp_bytes"],
-      "argument_ratio": soft["argument_bytes"] / dense["argument_bytes"],
+      "short_rows": {"batch": 4, "seq_len": 1024, "temp_ratio": soft_s["temporaries"] / dense_s["temporaries"], "naive_temp_ratio": naive_s["temporaries"] / dense_s["temporaries"]},
+      "temp_ratio": soft["temporaries"] / dense["temporaries"],
+      "naive_temp_ratio": naive["temporaries"] / dense["temporaries"],
+      "remat_temp_ratio": soft_remat["temporaries"] / dense_remat["temporaries"],
+      "argument_ratio": soft["arguments"] / dense["arguments"],
       "dense": dense,
       "soft": soft,
       "naive": naive,

@@ -18,7 +18,8 @@ import numpy as np
 from benchmarks.common import write_result
 from jaxlm import experiments
 from jaxlm.config import MeshConfig
-from jaxlm.train import flops, loop
+from jaxlm.report import report
+from jaxlm.train import aot, flops, loop
 
 CASES = {
     # name: (experiment, overrides for the timed run: the ~100M step is far too slow on a CPU at full batch)
@@ -42,29 +43,24 @@ def measure(name: str, overrides: dict, *, steps: int) -> dict:
   if cpu:
     exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, dtype="float32"))  # CPUs have no fast bf16
   b, l = exp.data.batch_size, exp.data.seq_len
+  # The FLOPs ratio at the full batch, from an abstract state (nothing allocated).
+  compiled_flops = aot.summary(aot.compile_train_step(exp, jax.devices()))["flops"]
+  analytical = flops.train_flops_per_token(exp.model, l) * b * l
+  result = {
+      "experiment": name,
+      "params": report(exp, jax.device_count())["params_total"],
+      "tokens_per_step": b * l,
+      "compiled_flops": compiled_flops,
+      "analytical_flops": float(analytical),
+      "flops_ratio": compiled_flops / analytical,
+  }
+  # Throughput, at a smaller batch where asked.
+  exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, **overrides))
+  b = exp.data.batch_size
   setup = loop.prepare(exp)
   with jax.set_mesh(setup.mesh):
     batch = loop.to_global(synthetic_batch(b, l, exp.model.vocab_size), setup.batch_sharding)
     compiled = setup.train_step.lower(setup.state, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  analytical = flops.train_flops_per_token(exp.model, l) * b * l
-  result = {
-      "experiment": name,
-      "params": int(sum(x.size for x in jax.tree.leaves(setup.state.params))),
-      "tokens_per_step": b * l,
-      "compiled_flops": float(cost["flops"]),
-      "analytical_flops": float(analytical),
-      "flops_ratio": float(cost["flops"]) / analytical,
-  }
-  # Throughput (a smaller batch where asked: the ratio above is computed at the full batch).
-  if overrides:
-    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, **overrides))
-    b = exp.data.batch_size
-    setup = loop.prepare(exp)
-    with jax.set_mesh(setup.mesh):
-      batch = loop.to_global(synthetic_batch(b, l, exp.model.vocab_size), setup.batch_sharding)
-      compiled = setup.train_step.lower(setup.state, batch).compile()
   state = setup.state
   with jax.set_mesh(setup.mesh):
     state, m = compiled(state, batch)  # warm-up
