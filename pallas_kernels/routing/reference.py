@@ -89,7 +89,12 @@ def sort_order(expert_ids_tk: jax.Array, num_experts: int) -> tuple[jax.Array, j
   """(group_sizes [E] int32, sort_perm [T*k] int32) of the flattened assignments."""
   flat = expert_ids_tk.reshape(-1)
   group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
-  sort_perm = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  # Sort (id, index) pairs rather than jnp.argsort: argsort's index operand is a constant iota,
+  # so inside shard_map(check_vma=True) its result would not vary over the mesh axes the ids do,
+  # unlike the Pallas kernel's. Deriving the indices from `flat` keeps them varying alike.
+  index = flat * 0 + jnp.arange(flat.size, dtype=flat.dtype)
+  _, sort_perm = jax.lax.sort_key_val(flat, index, is_stable=True)
+  sort_perm = sort_perm.astype(jnp.int32)
   return group_sizes, sort_perm
 
 
