@@ -77,21 +77,6 @@ def varying_axes(x: Any) -> frozenset:
   return frozenset() if mat is None else mat.varying
 
 
-def same_varying(*operands: jax.Array) -> list[jax.Array]:
-  """Operands cast (a no-op at run time) to vary over the union of their manual mesh axes.
-
-  A kernel's operands must agree on the axes they vary over inside `shard_map(check_vma=True)`
-  (interpret mode evaluates the kernel body with ordinary jax ops, which check this). Outside
-  `shard_map`: returns the operands unchanged.
-  """
-  union = frozenset().union(*(varying_axes(op) for op in operands))
-  return [
-      jax.lax.pcast(op, tuple(sorted(union - varying_axes(op))), to="varying")
-      if union - varying_axes(op) else op
-      for op in operands
-  ]
-
-
 def cotangent_like(ct: jax.Array, primal: Any) -> jax.Array:
   """A custom VJP's cotangent for `primal`, summed over the mesh axes primal does not vary on.
 

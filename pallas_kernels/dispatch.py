@@ -20,11 +20,10 @@ Implementation names:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal
 
 import jax
-
-from pallas_kernels import common
 
 # Platforms where implementation=None runs the Pallas kernel. TPU: the Mosaic kernels compile
 # with libtpu for a real topology (tests/pallas_kernels/test_tpu_aot.py). CUDA: the Triton
@@ -68,7 +67,7 @@ def select(
     return xla
 
   def kernel(fn: Callable[..., Any], interpret: bool) -> Callable[..., Any]:
-    return lambda *ops: fn(*common.same_varying(*ops), interpret=interpret)
+    return functools.partial(fn, interpret=interpret)
 
   compiled_tpu, compiled_gpu = kernel(tpu, False), kernel(gpu, False)
   branches: dict[str, Callable[..., Any]]

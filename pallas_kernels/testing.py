@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import gmm
+from pallas_kernels import merge
+from pallas_kernels import routing
 
 # dtype -> (rtol, atol per sqrt(reduction size)).
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -140,11 +144,65 @@ def normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, scale: float = 1.
 
 
 # ---------------------------------------------------------------------------------------------
-# Lowering checks without hardware (shared by tests/pallas_kernels/test_lowering.py and the
-# benchmark's report): each public op under implementation="pallas", forward and VJP.
+# Lowering checks without hardware (shared by tests/pallas_kernels/test_lowering.py,
+# tests/pallas_kernels/test_tpu_aot.py and the benchmark's report): each public op under
+# implementation="pallas", forward and VJP.
 
 # The custom call each platform's Pallas kernels lower to.
 KERNEL_CALL = {"tpu": "@tpu_custom_call", "cuda": "@__gpu$xla.gpu.triton"}
+
+
+def _routing(logits_te: jax.Array, bias_e: jax.Array) -> jax.Array:
+  return routing.topk_route(
+      logits_te, 8, mode="sigmoid", bias_e=bias_e, implementation="pallas"
+  ).weights
+
+
+def _gmm(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+  return gmm.grouped_matmul(x_mk, w_ekn, group_sizes_e, implementation="pallas")
+
+
+def _tgmm(x_mk: jax.Array, dy_mn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+  return gmm.transposed_grouped_matmul(x_mk, dy_mn, group_sizes_e, implementation="pallas")
+
+
+def _merge(w_se: jax.Array, x_edf: jax.Array) -> jax.Array:
+  return merge.merge_experts(w_se, x_edf, implementation="pallas")
+
+
+def _merged_matmul(x_sld: jax.Array, w_se: jax.Array, x_edf: jax.Array) -> jax.Array:
+  return merge.merged_matmul(x_sld, w_se, x_edf, implementation="pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasOp:
+  """A public op with implementation="pallas", as a function of arrays only.
+
+  Attributes:
+    fn: the op; every operand is an array (routing's bias included).
+    argnums: the float operands its VJP is taken with respect to.
+    launches: kernel launches `fn` lowers to.
+    vjp_launches: kernel launches `loss_grad(fn, argnums)` lowers to (forward included).
+  """
+
+  fn: Callable[..., jax.Array]
+  argnums: tuple[int, ...]
+  launches: int
+  vjp_launches: int
+
+
+PALLAS_OPS: dict[str, PallasOp] = {
+    "routing": PallasOp(_routing, (0,), 1, 1),  # the VJP is XLA
+    "gmm": PallasOp(_gmm, (0, 1), 1, 3),  # gmm, gmm with w^T, tgmm
+    "tgmm": PallasOp(_tgmm, (0, 1), 1, 3),  # tgmm, two gmm
+    "merge": PallasOp(_merge, (0, 1), 1, 3),  # merge, merge with w^T, dw
+    "merged_matmul": PallasOp(_merged_matmul, (0, 1, 2), 1, 4),
+}
+
+
+def loss_grad(fn: Callable[..., jax.Array], argnums: int | tuple[int, ...]) -> Callable[..., Any]:
+  """`jax.grad` of sum(fn(...)**2): a loss that needs fn's output, so its kernel is not dead."""
+  return jax.grad(lambda *a: jnp.sum(jnp.square(fn(*a).astype(jnp.float32))), argnums)
 
 
 def export_for(platform: str, fn: Any, args: tuple[Any, ...]) -> Any:
@@ -158,46 +216,22 @@ def export_for(platform: str, fn: Any, args: tuple[Any, ...]) -> Any:
 
 
 def lowering_cases() -> dict[str, tuple[Any, tuple[Any, ...], int]]:
-  """name -> (function, operand structs, kernel launches it must lower to)."""
-  import pallas_kernels as pk  # pylint: disable=g-import-not-at-top
+  """name -> (function, operand structs, kernel launches it must lower to).
 
+  Each op of `PALLAS_OPS` as "<op>" (forward) and "<op>_vjp" (`loss_grad`), on small
+  unsharded operands.
+  """
   s = jax.ShapeDtypeStruct
   bf16, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
-
-  def grad(fn, argnums):
-    # A loss that needs the forward output, so the forward kernel is not dead code.
-    return jax.grad(lambda *a: jnp.sum(jnp.square(fn(*a).astype(jnp.float32))), argnums)
-
-  def routing(logits):
-    return pk.topk_route(
-        logits, 8, mode="sigmoid", bias_e=jnp.zeros(64), implementation="pallas"
-    ).weights
-
-  def gmm(x, w, gs):
-    return pk.grouped_matmul(x, w, gs, implementation="pallas")
-
-  def tgmm(x, dy, gs):
-    return pk.transposed_grouped_matmul(x, dy, gs, implementation="pallas")
-
-  def merge(w, e):
-    return pk.merge_experts(w, e, implementation="pallas")
-
-  def merged_matmul(x, w, e):
-    return pk.merged_matmul(x, w, e, implementation="pallas")
-
-  logits = (s((1024, 64), bf16),)
-  gmm_args = (s((512, 256), bf16), s((8, 256, 384), bf16), s((8,), i32))
-  tgmm_args = (s((512, 256), bf16), s((512, 384), bf16), s((8,), i32))
-  merge_args = (s((8, 8), f32), s((8, 256, 512), bf16))
-  fused_args = (s((4, 128, 256), bf16), s((4, 8), f32), s((8, 256, 512), bf16))
-  return {
-      "routing": (routing, logits, 1),
-      "routing_vjp": (grad(routing, 0), logits, 1),
-      "gmm": (gmm, gmm_args, 1),
-      "gmm_vjp": (grad(gmm, (0, 1)), gmm_args, 3),  # gmm, gmm with w^T, tgmm
-      "tgmm": (tgmm, tgmm_args, 1),
-      "merge": (merge, merge_args, 1),
-      "merge_vjp": (grad(merge, (0, 1)), merge_args, 3),  # merge, merge with w^T, dw
-      "merged_matmul": (merged_matmul, fused_args, 1),
-      "merged_matmul_vjp": (grad(merged_matmul, (0, 1, 2)), fused_args, 4),
+  operands = {
+      "routing": (s((1024, 64), bf16), s((64,), f32)),
+      "gmm": (s((512, 256), bf16), s((8, 256, 384), bf16), s((8,), i32)),
+      "tgmm": (s((512, 256), bf16), s((512, 384), bf16), s((8,), i32)),
+      "merge": (s((8, 8), f32), s((8, 256, 512), bf16)),
+      "merged_matmul": (s((4, 128, 256), bf16), s((4, 8), f32), s((8, 256, 512), bf16)),
   }
+  cases = {}
+  for name, op in PALLAS_OPS.items():
+    cases[name] = (op.fn, operands[name], op.launches)
+    cases[f"{name}_vjp"] = (loss_grad(op.fn, op.argnums), operands[name], op.vjp_launches)
+  return cases

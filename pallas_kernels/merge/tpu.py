@@ -41,19 +41,24 @@ DEFAULT_BLOCK_F = 512
 MAX_BLOCK_ROWS = 256  # segments per block; more segments get a grid dim of their own
 
 
+def _halve(block: int, multiple: int) -> int:
+  """Half a block size, rounded down to a multiple of `multiple` and at least `multiple`."""
+  return max(multiple, block // 2 // multiple * multiple)
+
+
 def _blocks(a: int, e: int, d: int, f: int, itemsize: int, block_f: int):
   """(ba, bd, bf) so double-buffered [E,bd,bf] + [ba,bd,bf] blocks and f32 temps fit VMEM.
 
   `a` is the output-row dim (segments), `e` the contraction (experts): e must stay whole, so
   the contraction is limited to a few hundred (VMEM_BUDGET / (16 * 128 * 12 bytes) ~ 500).
   """
-  ba = a if a <= MAX_BLOCK_ROWS else MAX_BLOCK_ROWS
+  ba = common.tpu_block(a, MAX_BLOCK_ROWS, 8)  # the [ba, E] float32 blocks' sublane dim
   per_elem = (e + ba) * (2 * itemsize + 4)
   bf = common.tpu_block(f, block_f, 128)
   while bf > 128 and per_elem * bf * 16 > VMEM_BUDGET:
-    bf = max(128, bf // 2 // 128 * 128)
+    bf = _halve(bf, 128)
   bd = max(16, (VMEM_BUDGET // (per_elem * bf)) // 16 * 16)
-  return ba, (d if d <= bd else bd), bf
+  return ba, common.tpu_block(d, bd, 16), bf
 
 
 def _merge_kernel(w_ref, x_ref, out_ref):
@@ -192,15 +197,15 @@ def _fused_blocks(dims, preferred, itemsize: int) -> tuple[int, int, int, int]:
     experts = 2 * e * bd * bf
     if experts >= bs * bl * (bd + bf) and max(bd, bf) > 128:
       if bd >= bf:
-        bd = max(128, bd // 2 // 128 * 128)
+        bd = _halve(bd, 128)
       else:
-        bf = max(128, bf // 2 // 128 * 128)
+        bf = _halve(bf, 128)
     elif bl > 128:
       bl = max(128, bl // 2 // 16 * 16)
     elif bs > 1:
       bs //= 2
     elif max(bd, bf) > 128:
-      bd, bf = max(128, bd // 2 // 128 * 128), max(128, bf // 2 // 128 * 128)
+      bd, bf = _halve(bd, 128), _halve(bf, 128)
     else:
       break
   return bs, bl, bd, bf
