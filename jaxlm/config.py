@@ -207,6 +207,11 @@ class ModelConfig:
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
 
+  @property
+  def n_units(self) -> int:
+    """Repeats of the `ffn_every`-layer unit after the dense prefix (stacked with scan_layers)."""
+    return (self.n_layers - self.first_k_dense) // self.ffn_every
+
   def layer_ffn(self, i: int) -> str:
     """FFN kind of layer i: dense for the first k layers, then `ffn` on every n-th layer."""
     if i < self.first_k_dense:

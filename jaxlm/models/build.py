@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -62,24 +63,44 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   return {"total": total, "active": total - inactive, "embedding": embed}
 
 
-def load_unrolled_into_scanned(unrolled: Transformer, scanned: Transformer) -> None:
-  """Copy an unrolled model's weights into a `scan_layers` model of the same config, in place.
+def layer_trees(tree: dict, cfg: ModelConfig) -> list[dict]:
+  """Per-layer parameter trees, in layer order, of the pure-dict state of a model of `cfg`.
 
-  Layer i = first_k_dense + u * ffn_every + j becomes row u of the scanned unit's block j.
+  Unrolled: `blocks[i]`. With `scan_layers`: the dense prefix `prefix[i]` (i < first_k_dense),
+  then layer first_k_dense + u * ffn_every + j is row u of the scanned unit's `units.blocks[j]`.
   """
-  cfg = scanned.cfg
+  if not cfg.scan_layers:
+    return [tree["blocks"][i] for i in range(cfg.n_layers)]
+  out = [tree["prefix"][i] for i in range(cfg.first_k_dense)]
+  for u in range(cfg.n_units):
+    out += [jax.tree.map(lambda a: a[u], tree["units"]["blocks"][j]) for j in range(cfg.ffn_every)]
+  return out
+
+
+def set_layer_trees(tree: dict, cfg: ModelConfig, layers: list[dict]) -> None:
+  """Write per-layer parameter trees (in layer order) into a pure-dict state; inverse of `layer_trees`."""
+  if not cfg.scan_layers:
+    for i, layer in enumerate(layers):
+      tree["blocks"][i] = layer
+    return
+  k0, period = cfg.first_k_dense, cfg.ffn_every
+  for i in range(k0):
+    tree["prefix"][i] = layers[i]
+  for j in range(period):
+    tree["units"]["blocks"][j] = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[k0 + u * period + j] for u in range(cfg.n_units)])
+
+
+def update_from_pure_dict(model: nnx.Module, pure: dict) -> None:
+  """Set `model`'s variables, in place, from a pure dict shaped like `nnx.to_pure_dict(nnx.state(model))`."""
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+
+
+def load_unrolled_into_scanned(unrolled: Transformer, scanned: Transformer) -> None:
+  """Copy an unrolled model's weights into a `scan_layers` model of the same config, in place."""
   src = nnx.to_pure_dict(nnx.state(unrolled))
   dst = nnx.to_pure_dict(nnx.state(scanned))
-  k0, period = cfg.first_k_dense, cfg.ffn_every
-  n_units = (cfg.n_layers - k0) // period
-  for i in range(k0):
-    dst["prefix"][i] = src["blocks"][i]
-  for j in range(period):
-    layers = [src["blocks"][k0 + u * period + j] for u in range(n_units)]
-    dst["units"]["blocks"][j] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)
-  for k in src:
-    if k != "blocks":
-      dst[k] = src[k]
-  state = nnx.state(scanned)
-  nnx.replace_by_pure_dict(state, dst)
-  nnx.update(scanned, state)
+  set_layer_trees(dst, scanned.cfg, layer_trees(src, unrolled.cfg))
+  dst.update({k: v for k, v in src.items() if k != "blocks"})
+  update_from_pure_dict(scanned, dst)

@@ -80,7 +80,7 @@ class Block(nnx.Module):
       aux = {}
     else:
       y, aux = _ffn_output(self.ffn(self.ffn_norm(x_bld), segment_ids=segment_ids, positions=positions))
-      ffn_state = None if cache is None else cache.ffn
+      ffn_state = None  # no cache, or an FFN kind without decoding state
     return shard(x_bld + y, "batch", "seq", "embed"), aux, (None if cache is None else BlockCache(kv, ffn_state))
 
 
@@ -111,7 +111,7 @@ class Transformer(nnx.Module):
       self.prefix = nnx.List([Block(cfg, kinds[i], rngs=rngs) for i in range(k0)])
       unit_kinds = kinds[k0 : k0 + period]
 
-      @nnx.split_rngs(splits=(cfg.n_layers - k0) // period)
+      @nnx.split_rngs(splits=cfg.n_units)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
       def make_units(rngs: nnx.Rngs) -> Unit:
         return Unit(cfg, unit_kinds, rngs=rngs)
@@ -203,7 +203,7 @@ class Transformer(nnx.Module):
 
     if not cfg.scan_layers:
       return {"blocks": [one(i) for i in range(cfg.n_layers)]}
-    k0, n_units = cfg.first_k_dense, (cfg.n_layers - cfg.first_k_dense) // cfg.ffn_every
+    k0, n_units = cfg.first_k_dense, cfg.n_units
     stack = lambda c: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_units,) + a.shape), c)
     return {"prefix": [one(i) for i in range(k0)], "units": tuple(stack(one(k0 + j)) for j in range(cfg.ffn_every))}
 

@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.models.build import build
+from jaxlm.models.build import build, layer_trees, set_layer_trees, update_from_pure_dict
 from jaxlm.models.transformer import Transformer
 
 # ModelConfig fields an upcycled model may change; every other field must match the dense model.
@@ -51,30 +51,6 @@ def function_preserved(cfg: ModelConfig) -> bool:
   return m.router in ("softmax_topk", "sigmoid_bias") and m.renormalize and m.route_scale == 1.0 and m.mode == "dropless"
 
 
-def _layers(tree: dict, cfg: ModelConfig) -> list[dict]:
-  """Per-layer parameter trees of a pure-dict model state (unrolled or scanned)."""
-  if not cfg.scan_layers:
-    return [tree["blocks"][i] for i in range(cfg.n_layers)]
-  k0, period = cfg.first_k_dense, cfg.ffn_every
-  out = [tree["prefix"][i] for i in range(k0)]
-  for u in range((cfg.n_layers - k0) // period):
-    out += [jax.tree.map(lambda a: a[u], tree["units"]["blocks"][j]) for j in range(period)]
-  return out
-
-
-def _set_layers(tree: dict, cfg: ModelConfig, layers: list[dict]) -> None:
-  if not cfg.scan_layers:
-    for i, layer in enumerate(layers):
-      tree["blocks"][i] = layer
-    return
-  k0, period = cfg.first_k_dense, cfg.ffn_every
-  for i in range(k0):
-    tree["prefix"][i] = layers[i]
-  n_units = (cfg.n_layers - k0) // period
-  for j in range(period):
-    tree["units"]["blocks"][j] = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[k0 + u * period + j] for u in range(n_units)])
-
-
 def _like(src: Any, dst: Any) -> Any:
   """`src` values in `dst`'s dtypes (and shardings, when dst's are arrays)."""
 
@@ -88,7 +64,7 @@ def _like(src: Any, dst: Any) -> Any:
 def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, moe_cfg: ModelConfig) -> dict:
   """Pure-dict version: the freshly initialised `moe_state` with the dense weights copied in."""
   check_compatible(dense_cfg, moe_cfg)
-  src, dst = _layers(dense_state, dense_cfg), _layers(moe_state, moe_cfg)
+  src, dst = layer_trees(dense_state, dense_cfg), layer_trees(moe_state, moe_cfg)
   out = []
   for i, (s, d) in enumerate(zip(src, dst)):
     new = {k: _like(v, d[k]) for k, v in s.items() if k != "ffn"}
@@ -107,7 +83,7 @@ def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, mo
   for k in dense_state:
     if k not in ("blocks", "prefix", "units"):
       result[k] = _like(dense_state[k], moe_state[k])
-  _set_layers(result, moe_cfg, out)
+  set_layer_trees(result, moe_cfg, out)
   return result
 
 
@@ -115,10 +91,7 @@ def upcycle(dense: Transformer, moe_cfg: ModelConfig, *, seed: int = 0, mesh: ja
   """An MoE Transformer of `moe_cfg` whose experts are copies of `dense`'s MLPs (fresh routers)."""
   check_compatible(dense.cfg, moe_cfg)
   model = build(moe_cfg, mesh, seed=seed)
-  state = nnx.state(model)
-  pure = upcycle_state(nnx.to_pure_dict(nnx.state(dense)), dense.cfg, nnx.to_pure_dict(state), moe_cfg)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
+  update_from_pure_dict(model, upcycle_state(nnx.to_pure_dict(nnx.state(dense)), dense.cfg, nnx.to_pure_dict(nnx.state(model)), moe_cfg))
   return model
 
 
@@ -140,10 +113,7 @@ def upcycle_run(dense_run: Path, exp: Experiment, out_dir: Path, *, step: int | 
   save_config(out_dir, exp)
   setup = loop.prepare(exp)
   model = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
-  pure = upcycle_state(nnx.to_pure_dict(nnx.state(dense_model)), dense_exp.model, nnx.to_pure_dict(nnx.state(model)), exp.model)
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
+  update_from_pure_dict(model, upcycle_state(nnx.to_pure_dict(nnx.state(dense_model)), dense_exp.model, nnx.to_pure_dict(nnx.state(model)), exp.model))
   _, params, rest = nnx.split(model, nnx.Param, ...)
   train_iter = iter(loop.datasets(exp, tokenizer_for(exp, out_dir), "train"))
   ckpt = Checkpointer(out_dir / CHECKPOINTS, exp.checkpoint)

@@ -12,7 +12,8 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.layers.moe import MoE, grouped_matmul, moe
-from jaxlm.layers.moe.gmm import pallas_available
+from jaxlm.layers.moe.gmm import resolve_backend, target_platform
+from jaxlm.layers.moe.layer import resolve_all_to_all
 from jaxlm.layers.moe import layout as lay
 from jaxlm.layers.moe.routing import capacity
 from jaxlm.models import Transformer
@@ -102,12 +103,31 @@ def test_dropless_equals_per_token_loop(backend, overrides):
   assert float(aux["metrics"]["moe_dropped_fraction"]) == 0.0
 
 
-def test_pallas_backend_matches_when_available():
-  if not pallas_available():
-    pytest.skip("pallas_kernels.gmm is not importable here")
+def test_pallas_backend_matches():
   cfg = with_moe(gmm_backend="pallas")
   p = random_params(cfg)
   np.testing.assert_allclose(moe(p, X, cfg)[0], loop_reference(p, X, cfg), rtol=2e-5, atol=2e-5)
+
+
+def abstract_mesh_on(platform: str) -> jax.sharding.AbstractMesh:
+  """A 1-device mesh of `platform` devices that need not exist (as for ahead-of-time compiles)."""
+  device = jax.sharding.AbstractDevice(device_kind=f"fake {platform}", num_cores=1, platform=platform)
+  return jax.sharding.AbstractMesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), abstract_device=device)
+
+
+@pytest.mark.parametrize("platform, backend, exchange", [("cpu", "capacity_einsum", "padded"), ("tpu", "pallas", "ragged"), ("gpu", "pallas", "ragged")])
+def test_auto_resolves_for_the_target_platform_not_the_host(platform, backend, exchange):
+  """'auto' follows the devices of the mesh the step is traced under: compiling for a TPU slice
+  from a CPU host builds the TPU path. Without a mesh it falls back to the host's backend."""
+  assert resolve_backend("auto", platform) == backend and resolve_all_to_all("auto", platform) == exchange
+  with jax.sharding.use_abstract_mesh(abstract_mesh_on(platform)):
+    assert target_platform() == platform
+    assert resolve_backend("auto") == backend and resolve_all_to_all("auto") == exchange
+    seen = []
+    jax.jit(lambda x: seen.append(target_platform()) or x).trace(jax.ShapeDtypeStruct((2,), jnp.float32))  # in a trace too
+    assert seen == [platform]
+  assert target_platform() == jax.default_backend()
+  assert resolve_backend("ragged_dot", platform) == "ragged_dot" and resolve_all_to_all("padded", platform) == "padded"
 
 
 def test_capacity_mode_drops_exactly_the_documented_assignments():

@@ -15,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 from jaxlm import sharding
 from jaxlm.config import MeshConfig, ModelConfig, MoEConfig
 from jaxlm.layers.moe import MoE, moe
-from jaxlm.layers.moe.forward import ExpertAxis
 from jaxlm.layers.moe.parallel import _emulated_ragged_all_to_all
 from jaxlm.models import Transformer, build
 
@@ -152,4 +151,3 @@ def test_emulated_ragged_all_to_all_keeps_the_contract():
   f = jax.shard_map(body, mesh=mesh, in_specs=(P("expert"),) * 6, out_specs=P("expert"))
   got = f(operand, output, in_off, sizes, recv_off, sizes.T.copy())
   np.testing.assert_array_equal(np.asarray(got), expected)
-  assert ExpertAxis("expert", 4, True).ragged

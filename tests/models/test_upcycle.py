@@ -31,21 +31,30 @@ def moe_cfg(**kw) -> ModelConfig:
         moe_cfg(),
         moe_cfg(router="sigmoid_bias", n_shared_experts=1, first_k_dense=1, ffn_every=3, scan_layers=True),
         moe_cfg(top_k=1, jitter=0.1),
+        moe_cfg(ffn_every=2, scan_layers=True),  # 2 scanned units: MoE layers 0 and 2
     ],
-    ids=["softmax-top2", "sigmoid-shared-scanned", "top1-jitter"],
+    ids=["softmax-top2", "sigmoid-shared-scanned", "top1-jitter", "every2-scanned"],
 )
 def test_upcycled_model_computes_the_dense_function(cfg):
   dense = Transformer(DENSE, rngs=nnx.Rngs(0))
   model = upcycle(dense, cfg, seed=1)
   assert function_preserved(cfg)
   np.testing.assert_allclose(logits_of(model, TOKENS), logits_of(dense, TOKENS), rtol=1e-5, atol=1e-5)
-  # every expert is a copy of its layer's MLP; the router is fresh
-  ffn = (model.units.blocks[0] if cfg.scan_layers else model.blocks[0]).ffn
-  w = np.asarray(ffn.w_gate[...])
-  w = w[0] if cfg.scan_layers else w  # first scanned unit
-  for e in range(1, cfg.moe.n_experts):
-    np.testing.assert_array_equal(w[e], w[0])
-  assert float(jnp.std(ffn.router[...])) > 0
+  # every expert is a copy of its own layer's MLP; the router is fresh
+  moe_layers = [i for i in range(cfg.n_layers) if cfg.layer_ffn(i) == "moe"]
+  assert moe_layers
+  for i in moe_layers:
+    if cfg.scan_layers:  # layer i = first_k_dense + u * ffn_every + j is row u of units.blocks[j]
+      u, j = divmod(i - cfg.first_k_dense, cfg.ffn_every)
+      ffn, row = model.units.blocks[j].ffn, lambda a, u=u: np.asarray(a)[u]
+    else:
+      ffn, row = model.blocks[i].ffn, np.asarray
+    for name in ("w_gate", "w_up", "w_down"):
+      w = row(getattr(ffn, name)[...])
+      assert w.shape[0] == cfg.moe.n_experts
+      for e in range(cfg.moe.n_experts):
+        np.testing.assert_array_equal(w[e], np.asarray(getattr(dense.blocks[i].ffn, name)[...]), err_msg=f"layer {i} expert {e} {name}")
+    assert float(jnp.std(row(ffn.router[...]))) > 0
 
 
 def test_weights_that_do_not_sum_to_one_change_the_function():

@@ -14,7 +14,14 @@ Backends:
                    expert's rows (group sizes are multiples of block_rows; the dropless layout
                    pads them), each block's weight is gathered and one batched einsum
                    [G, b, K] x [G, K, N] runs over the blocks. The fastest on CPU.
-  pallas           pallas_kernels.gmm.grouped_matmul (Mosaic on TPU, Triton on GPU).
+  pallas           pallas_kernels.gmm.grouped_matmul with its automatic implementation, chosen
+                   when lowering: the Mosaic kernel on TPU, XLA ragged_dot elsewhere (GPU
+                   included: its Triton kernel is not in pallas_kernels.dispatch.
+                   AUTO_KERNEL_PLATFORMS yet).
+
+"auto" picks capacity_einsum on CPU and pallas on TPU and GPU, for the platform the step is
+built for (`target_platform`): the devices of the mesh it is traced under, so a step compiled
+ahead of time for a TPU slice on a CPU host gets the TPU choice.
 """
 
 from __future__ import annotations
@@ -58,22 +65,10 @@ def capacity_einsum(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array 
   return jnp.einsum("gbk,gkn->gbn", x_mk.reshape(g, block_rows, k), w_gkn).reshape(m, n)
 
 
-def pallas_available() -> bool:
-  """Whether pallas_kernels.gmm is installed (checked without importing it: imports are slow)."""
-  import importlib.util
-
-  try:
-    return importlib.util.find_spec("pallas_kernels.gmm") is not None
-  except ModuleNotFoundError:
-    return False
-
-
 @GMM.register("pallas")
 def pallas(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array | None, *, block_rows: int = 1) -> jax.Array:
-  """pallas_kernels.gmm.grouped_matmul (Mosaic on TPU, Triton on CUDA, ragged_dot elsewhere)."""
+  """pallas_kernels.gmm.grouped_matmul: the Mosaic kernel on TPU, XLA ragged_dot elsewhere."""
   del block_rows
-  if not pallas_available():
-    raise ConfigError("model.moe.gmm_backend='pallas' needs the pallas_kernels package")
   from pallas_kernels.gmm import grouped_matmul as pallas_gmm
 
   e = w_ekn.shape[0]
@@ -82,16 +77,23 @@ def pallas(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array | None, *
   return pallas_gmm(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e.astype(jnp.int32))
 
 
+def target_platform() -> str:
+  """The platform the computation being traced is built for ("cpu", "tpu", "gpu").
+
+  That of the devices of the mesh set with `jax.set_mesh` (which may be a TPU slice that is not
+  here, when compiling ahead of time from a CPU host); `jax.default_backend()` without a mesh.
+  """
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
 def resolve_backend(name: str, platform: str | None = None) -> str:
-  """'auto' -> capacity_einsum on CPU, pallas on TPU/GPU when available, else ragged_dot."""
+  """'auto' -> capacity_einsum on CPU, else pallas; `platform` defaults to `target_platform()`."""
   if name != "auto":
     if name not in GMM:
       raise ConfigError(f"model.moe.gmm_backend: {name!r} is not available here; known: {', '.join(GMM.keys())}")
     return name
-  platform = platform or jax.default_backend()
-  if platform == "cpu":
-    return "capacity_einsum"
-  return "pallas" if pallas_available() else "ragged_dot"
+  return "capacity_einsum" if (platform or target_platform()) == "cpu" else "pallas"
 
 
 def block_rows_for(backend: str, n_rows: int, n_experts: int, block_rows: int = 0) -> int:

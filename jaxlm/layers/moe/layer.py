@@ -25,7 +25,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.layers.ffn import FFN
 from jaxlm.layers.mlp import MLP, swiglu
 from jaxlm.layers.moe.forward import ExpertWeights
-from jaxlm.layers.moe.gmm import pallas_available, resolve_backend
+from jaxlm.layers.moe.gmm import resolve_backend, target_platform
 from jaxlm.layers.moe.losses import Stats, aux_from_stats
 from jaxlm.layers.moe.parallel import routed_experts
 from jaxlm.layers.moe.routing import jitter_noise, update_bias
@@ -39,10 +39,11 @@ class RouterState(nnx.Variable):
   """Non-trainable router state (selection bias, jitter counter): updated outside the optimizer."""
 
 
-def resolve_all_to_all(name: str) -> str:
+def resolve_all_to_all(name: str, platform: str | None = None) -> str:
+  """'auto' -> padded on CPU, else ragged; `platform` defaults to `target_platform()` (gmm.py)."""
   if name != "auto":
     return name
-  return "padded" if jax.default_backend() == "cpu" else "ragged"
+  return "padded" if (platform or target_platform()) == "cpu" else "ragged"
 
 
 def moe(
@@ -133,8 +134,6 @@ class MoE(nnx.Module):
     ep = mesh_shape.get("expert", 1)
     if m.n_experts % ep:
       raise ConfigError(f"model.moe.n_experts ({m.n_experts}) must be divisible by the expert mesh axis (mesh.expert = {ep})")
-    if m.gmm_backend == "pallas" and not pallas_available():
-      raise ConfigError("model.moe.gmm_backend='pallas' needs the pallas_kernels package, which is not importable here")
 
   def __call__(self, x_bld: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     del positions

@@ -2,8 +2,9 @@
 
 A `Layout` maps the N assignments of a `Routing` to rows of a buffer of `n_rows` rows in which
 each expert's rows are contiguous and the experts come in order; `group_sizes_e` are the rows
-each expert owns (padding included). Row `n_rows` means "dropped": dispatch reads a zero row
-for it and combine adds nothing. Two layouts:
+each expert owns (padding included), None when every expert owns n_rows / E rows (the grouped
+matmul's convention for the [E, C, D] capacity buffer). Row `n_rows` means "dropped": dispatch
+reads a zero row for it and combine adds nothing. Two layouts:
 
   dropless_layout   sort by expert (stable: earlier assignments first); each expert's group is
                     padded to a multiple of `multiple` rows (1 for ragged_dot / pallas; a block
@@ -33,9 +34,8 @@ from jaxlm.layers.moe.routing import Routing
 @dataclasses.dataclass(frozen=True)
 class Layout:
   row_n: jax.Array  # int32 [N]: buffer row of each assignment; n_rows = dropped
-  group_sizes_e: jax.Array  # int32 [E]: buffer rows owned by each expert (contiguous, in order)
+  group_sizes_e: jax.Array | None  # int32 [E]: buffer rows owned by each expert (contiguous, in order); None: n_rows / E each
   n_rows: int  # static buffer size M
-  uniform: bool  # every expert owns exactly n_rows / E rows (the [E, C, D] capacity buffer)
 
 
 def _rank_in_key(key_n: jax.Array, n_keys: int) -> tuple[jax.Array, jax.Array]:
@@ -61,7 +61,7 @@ def dropless_layout(expert_n: jax.Array, n_experts: int, multiple: int = 1) -> L
   m = n if multiple == 1 else round_up(n + n_experts * (multiple - 1), multiple)
   valid = expert_n < n_experts
   row = jnp.where(valid, jnp.take(starts, expert_n, mode="fill", fill_value=0) + rank, m)
-  return Layout(row.astype(jnp.int32), sizes.astype(jnp.int32), m, False)
+  return Layout(row.astype(jnp.int32), sizes.astype(jnp.int32), m)
 
 
 def capacity_layout(expert_n: jax.Array, group_n: jax.Array, n_experts: int, n_groups: int, capacity: int) -> Layout:
@@ -72,7 +72,7 @@ def capacity_layout(expert_n: jax.Array, group_n: jax.Array, n_experts: int, n_g
   m = n_experts * n_groups * capacity
   keep = valid & (rank < capacity)
   row = jnp.where(keep, key * capacity + rank, m)
-  return Layout(row.astype(jnp.int32), jnp.full((n_experts,), n_groups * capacity, jnp.int32), m, True)
+  return Layout(row.astype(jnp.int32), None, m)
 
 
 def source_rows(layout: Layout, token_n: jax.Array, n_tokens: int) -> jax.Array:
