@@ -1,5 +1,5 @@
 """Generation with the soft MoE: prompt-only routing matches training, re-routing every T tokens
-matches training further, padded prompts in one batch decode as if alone."""
+matches training further (for any prompt length), padded prompts in one batch decode as if alone."""
 
 import dataclasses
 
@@ -46,15 +46,26 @@ def test_prompt_routing_equals_training_logits_of_segment_two(first_segment, sca
   assert not np.allclose(dec[:, 2 * T :], full[:, 2 * T :], atol=1e-3)  # segment 3 keeps the prompt's routing
 
 
-def test_rerouting_every_t_tokens_equals_training():
-  cfg = dataclasses.replace(CFG, soft_moe=dataclasses.replace(CFG.soft_moe, decode_routing="segments"))
+# Prompts of T, 2T and T + 2 tokens (the segment of the first generated token is routed on the
+# prompt's last complete segment, the unfinished one carries on); shorter than T under the
+# uniform first-segment rule (the paper rule reads the first segment's future: not exact).
+@pytest.mark.parametrize("n_prompt, first_segment", [(T, "paper"), (2 * T, "paper"), (T + 2, "paper"), (2, "uniform")])
+def test_rerouting_every_t_tokens_equals_training(n_prompt, first_segment):
+  cfg = dataclasses.replace(CFG, soft_moe=dataclasses.replace(CFG.soft_moe, decode_routing="segments", first_segment=first_segment))
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   toks = jax.random.randint(jax.random.key(2), (2, 4 * T), 3, cfg.vocab_size)
-  np.testing.assert_allclose(teacher_forced(model, toks, T), forward(model, toks), atol=2e-5)
+  full = forward(model, toks)
+  np.testing.assert_allclose(teacher_forced(model, toks, n_prompt), full, atol=2e-5)
+  if n_prompt > T:  # prompt routing (the mean of the whole prompt) differs: the test can tell
+    prompt_cfg = dataclasses.replace(cfg, soft_moe=dataclasses.replace(cfg.soft_moe, decode_routing="prompt"))
+    prompt_model = Transformer(prompt_cfg, rngs=nnx.Rngs(0))
+    nnx.update(prompt_model, nnx.state(model))
+    assert not np.allclose(teacher_forced(prompt_model, toks, n_prompt)[:, n_prompt:], full[:, n_prompt:], atol=1e-3)
 
 
-def test_padded_prompts_decode_as_if_alone():
-  model = Transformer(CFG, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("decode_routing", ["prompt", "segments"])
+def test_padded_prompts_decode_as_if_alone(decode_routing):
+  model = Transformer(dataclasses.replace(CFG, soft_moe=dataclasses.replace(CFG.soft_moe, decode_routing=decode_routing)), rngs=nnx.Rngs(0))
   prompts = [[5, 9, 11, 13, 17, 19], [7, 8]]
   cfg = SamplingConfig(max_new_tokens=2 * T)
   together = generate_tokens(model, prompts, cfg, n_allowed=CFG.vocab_size, eos_id=2)

@@ -59,12 +59,20 @@ def _projection(seed: int) -> np.ndarray:
   return rng.choice(np.array([-1, 1], np.int8), size=(N_BUCKETS, DIM))
 
 
-def embed(docs: Sequence[str], *, seed: int = 0) -> np.ndarray:
-  """[N, DIM] float32 unit vectors: TF-IDF of hashed byte n-grams, randomly projected."""
+def _head(doc: str | bytes) -> bytes:
+  """The bytes of a document the embedding reads: its first MAX_BYTES bytes of UTF-8."""
+  return (doc if isinstance(doc, bytes) else doc.encode("utf-8", errors="replace"))[:MAX_BYTES]
+
+
+def embed(docs: Sequence[str | bytes], *, seed: int = 0) -> np.ndarray:
+  """[N, DIM] float32 unit vectors: TF-IDF of hashed byte n-grams, randomly projected.
+
+  A document is a string or its UTF-8 bytes (only the first MAX_BYTES bytes are read).
+  """
   counts = []
   df = np.zeros(N_BUCKETS, np.int64)
   for i in range(len(docs)):  # (random-access sources need not support iteration)
-    data = np.frombuffer(docs[i].encode("utf-8", errors="replace")[:MAX_BYTES], np.uint8)
+    data = np.frombuffer(_head(docs[i]), np.uint8)
     buckets, c = np.unique(_ngram_buckets(data), return_counts=True)
     counts.append((buckets, c))
     df[buckets] += 1
@@ -103,7 +111,7 @@ def exact_neighbors(emb: np.ndarray, k: int, *, block: int = 1024) -> tuple[np.n
     s = emb[lo : lo + block] @ emb.T
     rows = np.arange(lo, min(lo + block, n))
     s[rows - lo, rows] = -np.inf
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.argsort(-s, axis=1)[:, :k]
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]  # k <= n - 1: never the whole row
     ps = np.take_along_axis(s, part, axis=1)
     order = np.argsort(-ps, axis=1, kind="stable")
     idx[rows] = np.take_along_axis(part, order, axis=1)
@@ -190,9 +198,10 @@ def similarity_order(docs: Sequence[str], *, k: int = 8, method: str = "auto", s
   """
   path = None
   if cache_dir is not None:
+    docs = [_head(docs[i]) for i in range(len(docs))]  # read once: for the key, then the embedding
     h = hashlib.sha256(f"{k}/{method}/{seed}/{len(docs)}".encode())
-    for i in range(len(docs)):
-      h.update(docs[i].encode("utf-8", errors="replace")[:MAX_BYTES])
+    for data in docs:
+      h.update(data)
     path = Path(cache_dir) / "similarity" / f"{h.hexdigest()[:24]}.npy"
     if path.is_file():
       return np.load(path)

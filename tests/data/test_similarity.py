@@ -48,11 +48,23 @@ def test_chain_is_a_permutation_that_keeps_topics_together():
   np.testing.assert_array_equal(order, similarity.similarity_order(docs, k=8, method="exact", seed=1))
 
 
-def test_order_is_cached(tmp_path):
+def test_order_is_cached(tmp_path, monkeypatch):
   docs, _ = corpus(40)
+  embed, calls = similarity.embed, []
+
+  def embed_once(*args, **kwargs):  # a second embedding means the cache was not read
+    assert not calls, "the cached order was recomputed"
+    calls.append(1)
+    return embed(*args, **kwargs)
+
+  monkeypatch.setattr(similarity, "embed", embed_once)
   a = similarity.similarity_order(docs, cache_dir=tmp_path)
-  assert len(list((tmp_path / "similarity").glob("*.npy"))) == 1
+  assert calls == [1] and len(list((tmp_path / "similarity").glob("*.npy"))) == 1
   np.testing.assert_array_equal(similarity.similarity_order(docs, cache_dir=tmp_path), a)
+  monkeypatch.setattr(similarity, "embed", embed)
+  np.testing.assert_array_equal(a, similarity.similarity_order(docs))  # cached or not, the same order
+  similarity.similarity_order(docs[:-1] + [docs[-1] + " x"], cache_dir=tmp_path)  # other contents: another key
+  assert len(list((tmp_path / "similarity").glob("*.npy"))) == 2
 
 
 @pytest.mark.parametrize("method", ["exact", "lsh"])

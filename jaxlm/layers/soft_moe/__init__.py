@@ -5,7 +5,7 @@ One concept per file, in the order a token meets them:
               (segment: Lory; sequence: SMEAR), first-segment rules, expert dropout, metrics
   merge.py    merge implementations (einsum, pallas) and the memory-conscious merged SwiGLU
   layer.py    the `SoftMergedMoE` nnx module, the pure `soft_moe(params, x, cfg)` function and
-              generation with prompt-only routing
+              generation (routing on the prompt, or re-routing every T positions)
   warmup.py   the dense warm-up and the copy of the FFN into every expert
   plots.py    the per-source routing heatmap written at the end of training
 """

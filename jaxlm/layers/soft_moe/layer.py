@@ -13,8 +13,10 @@ warmup.py) and the expert-dropout key and counter.
 
 Generation (`decode`): the prompt is processed as in training; then every row gets one merged
 FFN from the mean of its prompt's layer inputs, reused for every generated token
-(`decode_routing="prompt"`), or re-merged from the mean of every T generated tokens
-(`decode_routing="segments"`, as in training; exact for single-token decode steps).
+(`decode_routing="prompt"`), or, as in training, re-merged at every multiple of T positions
+from the mean of the segment just completed (`decode_routing="segments"`; exact for any prompt
+length and single-token decode steps, except inside a first segment under the "paper" rule,
+which reads that segment's future: the prompt stands in for it).
 
 `soft_moe(params, x, cfg)` is the layer as a pure function of an explicit parameter pytree.
 """
@@ -31,9 +33,9 @@ from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.layers.ffn import FFN
 from jaxlm.layers.params import normal, param
-from jaxlm.layers.soft_moe.merge import MERGE, ExpertWeights, apply_merged, auto_chunk, merge_all
+from jaxlm.layers.soft_moe.merge import MERGE, ExpertWeights, apply_merged, auto_chunk, merge_all, merged_swiglu_groups, shard_merged
 from jaxlm.layers.soft_moe import warmup
-from jaxlm.layers.soft_moe.routing import GRANULARITY, chunk_layout, from_slots, group_means, packed_layout, router_probs, routing_metrics, to_slots
+from jaxlm.layers.soft_moe.routing import FIRST_SEGMENT, GRANULARITY, chunk_layout, from_slots, group_means, packed_layout, router_probs, routing_metrics, to_slots
 from jaxlm.sharding import shard
 
 Aux = dict[str, dict[str, jax.Array]]
@@ -110,29 +112,30 @@ class DecodeState(NamedTuple):
   count_b: jax.Array  # int32: tokens in the window; -1 until the prompt has been processed
 
 
-def route_rows(params: dict[str, jax.Array], mean_bd: jax.Array, cfg: ModelConfig, dense: jax.Array | None) -> ExpertWeights:
-  """One merged FFN per row from a mean layer input [B, D] (compute dtype)."""
-  logits = jnp.einsum("bd,de->be", mean_bd.astype(jnp.float32), params["router"].astype(jnp.float32))
-  w_be = _dense_weights(jax.nn.softmax(logits, axis=-1), dense)
+def route_rows(params: dict[str, jax.Array], mean_bd: jax.Array, cfg: ModelConfig, dense: jax.Array | None, *, first_b: jax.Array | None = None) -> ExpertWeights:
+  """One merged FFN per row (compute dtype) from a mean layer input [B, D].
+
+  Rows where `first_b` is set are in a document's first segment: the first-segment rule
+  applies to their router probabilities (`mean_bd` is then the mean of that segment so far).
+  """
+  probs_be = router_probs(mean_bd[:, None], params["router"])[:, 0]
+  if first_b is not None:
+    probs_be = jnp.where(first_b[:, None], FIRST_SEGMENT.get(cfg.soft_moe.first_segment)(probs_be), probs_be)
+  w_be = _dense_weights(probs_be, dense)
   experts = ExpertWeights(params["w_gate"], params["w_up"], params["w_down"])
   merged = merge_all(w_be, experts, MERGE.get(cfg.soft_moe.merge))
   dt = jnp.dtype(cfg.dtype)
-  return ExpertWeights(*(shard(w.astype(dt), "batch", *axes) for w, axes in zip(merged, (("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed")))))
+  return shard_merged(ExpertWeights(*(w.astype(dt) for w in merged)))
 
 
-def swiglu_rows(x_bld: jax.Array, merged: ExpertWeights) -> jax.Array:
-  """Every row through its own merged FFN."""
-  dt = x_bld.dtype
-  gate = jnp.einsum("bld,bdf->blf", x_bld, merged.w_gate.astype(dt))
-  up = jnp.einsum("bld,bdf->blf", x_bld, merged.w_up.astype(dt))
-  h = shard(jax.nn.silu(gate) * up, "batch", "seq", "mlp")
-  return jnp.einsum("blf,bfd->bld", h, merged.w_down.astype(dt))
+def _masked_sum(x_bld: jax.Array, mask_bl: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Float32 sum [B, D] and count [B] of the tokens where `mask_bl` is set."""
+  s = jnp.einsum("bld,bl->bd", x_bld.astype(jnp.float32), mask_bl.astype(jnp.float32))
+  return s, jnp.sum(mask_bl, axis=1).astype(jnp.int32)
 
 
-def _masked_sum(x_bld: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  valid = jnp.ones(x_bld.shape[:2], bool) if segment_ids is None else segment_ids > 0
-  s = jnp.einsum("bld,bl->bd", x_bld.astype(jnp.float32), valid.astype(jnp.float32))
-  return s, jnp.sum(valid, axis=1).astype(jnp.int32)
+def _mean(s_bd: jax.Array, n_b: jax.Array) -> jax.Array:
+  return s_bd / jnp.maximum(n_b, 1)[:, None]
 
 
 def soft_moe_decode(
@@ -145,28 +148,43 @@ def soft_moe_decode(
     segment_ids: jax.Array | None = None,
     dense: jax.Array | None = None,
 ) -> tuple[jax.Array, DecodeState]:
-  """The first call (count -1) is the prompt: processed as in training, then each row's merged
-  FFN comes from its prompt's mean. Later calls run the tokens through that FFN and, with
-  `decode_routing="segments"`, re-merge from the mean of every T tokens."""
+  """The first call (count -1) is the prompt, processed as in training. Then:
+
+  `decode_routing="prompt"`: each row's merged FFN comes from its prompt's mean, for good.
+  `decode_routing="segments"`: as in training, segment k (positions [k T, (k + 1) T)) runs
+  through the merge routed on segment k-1's mean. The prefill routes the segment of the next
+  position on the prompt's last complete segment (the first-segment rule on the prompt, when
+  it is shorter than T) and keeps the unfinished segment's sum and count; every later call
+  adds its tokens and re-merges when the segment is complete (exact for single-token steps).
+  """
   m = cfg.soft_moe
   x_bld = x_bld.astype(jnp.dtype(cfg.dtype))
+  valid_bl = jnp.ones(x_bld.shape[:2], bool) if segment_ids is None else segment_ids > 0
 
   def prefill(state: DecodeState) -> tuple[jax.Array, DecodeState]:
     y, _ = soft_moe(params, x_bld, cfg, segment_ids=segment_ids, positions=positions, dense=dense)
-    s, n = _masked_sum(x_bld, segment_ids)
-    merged = route_rows(params, s / jnp.maximum(n, 1)[:, None], cfg, dense)
-    return y, DecodeState(merged, jnp.zeros_like(state.sum_bd), jnp.zeros_like(state.count_b))
+    if m.decode_routing != "segments":
+      merged = route_rows(params, _mean(*_masked_sum(x_bld, valid_bl)), cfg, dense)
+      return y, DecodeState(merged, jnp.zeros_like(state.sum_bd), jnp.zeros_like(state.count_b))
+    seg_bl = positions // m.segment_len
+    k_b = jnp.max(jnp.where(valid_bl, positions + 1, 0), axis=1) // m.segment_len  # segment of the next position
+    last_s, last_n = _masked_sum(x_bld, valid_bl & (seg_bl == k_b[:, None] - 1))
+    tail_s, tail_n = _masked_sum(x_bld, valid_bl & (seg_bl == k_b[:, None]))
+    first_b = k_b == 0
+    mean_bd = jnp.where(first_b[:, None], _mean(tail_s, tail_n), _mean(last_s, last_n))
+    merged = route_rows(params, mean_bd, cfg, dense, first_b=first_b)
+    return y, DecodeState(merged, tail_s, tail_n)
 
   def step(state: DecodeState) -> tuple[jax.Array, DecodeState]:
-    y = swiglu_rows(x_bld, state.merged)
-    s, n = _masked_sum(x_bld, segment_ids)
+    y = merged_swiglu_groups(x_bld, state.merged, token_axis="seq")  # every row through its own merged FFN
+    s, n = _masked_sum(x_bld, valid_bl)
     s, n = state.sum_bd + s, state.count_b + n
     merged = state.merged
     if m.decode_routing == "segments":
       due_b = n >= m.segment_len
 
       def reroute(_):
-        new = route_rows(params, s / jnp.maximum(n, 1)[:, None], cfg, dense)
+        new = route_rows(params, _mean(s, n), cfg, dense)
         return ExpertWeights(*(jnp.where(due_b[:, None, None], a, b) for a, b in zip(new, merged)))
 
       merged = jax.lax.cond(jnp.any(due_b), reroute, lambda _: merged, None)
@@ -231,6 +249,13 @@ class SoftMergedMoE(nnx.Module):
         import pallas_kernels.merge  # noqa: F401
       except ImportError as e:
         raise ConfigError(f"model.soft_moe.merge='pallas' needs pallas_kernels.merge: {e}") from None
+    n = warmup.warmup_steps(exp)
+    if m.dense_warmup > 0 and not 0 < n < exp.train.steps:
+      # n = 0 would set the dense flag and never clear it; n >= steps would never copy the experts.
+      raise ConfigError(
+          f"model.soft_moe.dense_warmup={m.dense_warmup} x train.steps={exp.train.steps} rounds to {n} warm-up steps; "
+          f"it must give between 1 and train.steps - 1 (dense_warmup=0: no warm-up)"
+      )
 
   train_hooks = staticmethod(warmup.train_hooks)  # {step: fn(TrainState) -> TrainState}: end of the dense warm-up
 

@@ -109,24 +109,31 @@ def merge_all(w_ge: jax.Array, experts: ExpertWeights, merge: MergeFn) -> Expert
   return ExpertWeights(merge(w_ge, experts.w_gate, mlp_axis=1), merge(w_ge, experts.w_up, mlp_axis=1), merge(w_ge, experts.w_down, mlp_axis=0))
 
 
-def merged_swiglu_groups(x_gtd: jax.Array, merged: ExpertWeights) -> jax.Array:
-  """y[g] = SwiGLU(x[g]) with group g's merged weights (compute dtype = x's dtype)."""
+def shard_merged(merged: ExpertWeights) -> ExpertWeights:
+  """Merged weights of groups (or rows) [G, ...] sharded like the batch, D and F like the experts."""
+  return ExpertWeights(
+      shard(merged.w_gate, "batch", "embed", "mlp"),
+      shard(merged.w_up, "batch", "embed", "mlp"),
+      shard(merged.w_down, "batch", "mlp", "embed"),
+  )
+
+
+def merged_swiglu_groups(x_gtd: jax.Array, merged: ExpertWeights, *, token_axis: str | None = None) -> jax.Array:
+  """y[g] = SwiGLU(x[g]) with group g's merged weights (compute dtype = x's dtype).
+
+  `token_axis`: the logical sharding of the T axis of the hidden activation (None for the
+  tokens of a group; "seq" when the groups are whole rows, as in generation).
+  """
   dt = x_gtd.dtype
   gate = checkpoint_name(jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_gate.astype(dt)), SAVED[0])
   up = checkpoint_name(jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_up.astype(dt)), SAVED[1])
-  h = shard(jax.nn.silu(gate) * up, "batch", None, "mlp")
+  h = shard(jax.nn.silu(gate) * up, "batch", token_axis, "mlp")
   return jnp.einsum("gtf,gfd->gtd", h, merged.w_down.astype(dt))
 
 
 def _chunk_body(merge: MergeFn):
   def body(x_gtd: jax.Array, w_ge: jax.Array, experts: ExpertWeights) -> jax.Array:
-    merged = merge_all(w_ge, experts, merge)
-    merged = ExpertWeights(
-        shard(merged.w_gate, "batch", "embed", "mlp"),
-        shard(merged.w_up, "batch", "embed", "mlp"),
-        shard(merged.w_down, "batch", "mlp", "embed"),
-    )
-    return merged_swiglu_groups(x_gtd, merged)
+    return merged_swiglu_groups(x_gtd, shard_merged(merge_all(w_ge, experts, merge)))
 
   # Saved: the inputs and the two pre-activations; recomputed: the merge and silu(gate) * up.
   return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*SAVED))

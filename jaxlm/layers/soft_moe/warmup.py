@@ -89,7 +89,7 @@ def end_dense_warmup_fn(model: nnx.Module) -> Callable[[Any], Any]:
 def train_hooks(exp: Experiment, graphdef: Any, state: Any) -> dict[int, Callable[[Any], Any]]:
   """{step: fn(TrainState) -> TrainState} for the trainer: the end of the dense warm-up."""
   n = warmup_steps(exp)
-  if exp.model.soft_moe.dense_warmup <= 0 or not 0 < n < exp.train.steps:
+  if not 0 < n < exp.train.steps:  # dense_warmup = 0 (n = 0); SoftMergedMoE.validate refuses the rest
     return {}
   model = nnx.merge(graphdef, state.params, state.rest)
   return {n: end_dense_warmup_fn(model)}
