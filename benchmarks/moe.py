@@ -47,7 +47,7 @@ def _layer_params(cfg, seed=0):
   from jaxlm.layers.moe import MoE
 
   layer = MoE(cfg, rngs=nnx.Rngs(seed))
-  p = {"router": layer.router[...], "w_gate": layer.w_gate[...], "w_up": layer.w_up[...], "w_down": layer.w_down[...]}
+  p = {"router": layer.router[...], "w_gate": layer.experts.w_gate[...], "w_up": layer.experts.w_up[...], "w_down": layer.experts.w_down[...]}
   p["router"] = jax.random.normal(jax.random.key(seed + 1), p["router"].shape) * 0.5  # a trained-looking router: uneven, confident
   return p
 

@@ -84,7 +84,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
   from jaxlm.train import loop
   from jaxlm.train.checkpoint import Checkpointer
-  from jaxlm.train.run import CHECKPOINTS, load_config, tokenizer_for
+  from jaxlm.train.run import CHECKPOINTS, INIT_FILE, PEFT_INPUTS_FILE, load_config, read_record, tokenizer_for
 
   run_dir = Path(args.run_dir)
   exp = load_config(run_dir)
@@ -92,7 +92,7 @@ def _eval(args) -> int:
   step = ckpt.latest_step()
   if step is None:
     raise ConfigError(f"{run_dir} has no checkpoints yet")
-  setup = loop.prepare(exp)
+  setup = loop.prepare(exp, init=read_record(run_dir, INIT_FILE), peft_inputs=read_record(run_dir, PEFT_INPUTS_FILE))
   restored = ckpt.restore(step, params=setup.state.params, rest=setup.state.rest, opt_state=None, data_iterator=None)
   state = setup.state.replace(params=restored["params"], rest=restored.get("rest", setup.state.rest))
   tokenizer = tokenizer_for(exp, run_dir, train_if_missing=False)

@@ -312,6 +312,68 @@ class CheckpointConfig:
     _check(self.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")
 
 
+PEFT_METHODS = ("none", "lora", "dora", "ia3", "bitfit", "prompt", "bottleneck", "esft", "arrow", "phatgoose", "phatgoose_gates")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient fine-tuning (jaxlm.peft): the method, the weights it adapts, its sizes."""
+
+  method: str = "none"  # none (train every weight), lora, dora, ia3, bitfit, prompt, bottleneck, esft, arrow, phatgoose, phatgoose_gates
+  targets: tuple[str, ...] = ()  # regexes fully matching parameter paths (e.g. "blocks/.*/attn/w_(q|v)") or "all-linear"; routers only when a pattern says "router"; (): the method's default
+  rank: int = 8  # LoRA / DoRA rank r
+  alpha: float = 16.0  # LoRA scale = alpha / r (alpha / sqrt(r) with rslora)
+  rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
+  dropout: float = 0.0  # dropout on the input of the LoRA branch (training only)
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # {regex: rank} per-target ranks (first full match wins)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # {regex: alpha} per-target alphas
+  n_experts: int = 0  # a mixture of adapters per target: MoLoRA (lora), MoV (ia3), SMEAR-merged (bottleneck); 0: one adapter
+  top_k: int = 0  # mixture routing per token: experts kept (0: soft, all of them)
+  prompt_len: int = 20  # prompt tuning: virtual tokens before every sequence
+  bottleneck_dim: int = 64  # bottleneck adapters (Houlsby): hidden width
+  bottleneck_at: tuple[str, ...] = ("attn", "ffn")  # bottleneck adapters: after these sublayers of every block
+  esft_score: str = "gate"  # ESFT: expert relevance by mean gate affinity ("gate") or selection ratio ("token")
+  esft_top_p: float = 0.2  # ESFT: per layer, the top experts whose cumulative relevance reaches this share
+  esft_batches: int = 8  # ESFT: training batches scored to choose the experts
+  library: tuple[str, ...] = ()  # arrow / phatgoose: adapter directories routed over (phatgoose_gates: the one adapter gated)
+  library_top_k: int = 2  # arrow / phatgoose: adapters per token
+  train_also: tuple[str, ...] = ()  # regexes of base parameters trained too (HF PEFT's modules_to_save), e.g. ".*norm.*"
+  allow_noncausal_routing: bool = False  # opt in to SMEAR-merged bottleneck experts routed on a whole sequence
+
+  def __post_init__(self):
+    _check(self.method in PEFT_METHODS, f"peft.method must be one of {', '.join(PEFT_METHODS)}; got {self.method!r}")
+    _check(isinstance(self.targets, tuple) and all(isinstance(t, str) and t for t in self.targets), f"peft.targets must be a tuple of regexes, got {self.targets!r}")
+    _check(self.rank >= 1, f"peft.rank must be >= 1, got {self.rank}")
+    _check(self.alpha > 0, f"peft.alpha must be > 0, got {self.alpha}")
+    _check(0 <= self.dropout < 1, f"peft.dropout must be in [0, 1), got {self.dropout}")
+    for k, r in self.rank_pattern.items():
+      _check(isinstance(r, int) and r >= 1, f"peft.rank_pattern[{k!r}] must be an integer >= 1, got {r!r}")
+    for k, a in self.alpha_pattern.items():
+      _check(isinstance(a, (int, float)) and a > 0, f"peft.alpha_pattern[{k!r}] must be > 0, got {a!r}")
+    _check(self.n_experts >= 0 and self.top_k >= 0, "peft.n_experts and peft.top_k must be >= 0")
+    _check(self.top_k <= max(self.n_experts, 0) or self.n_experts == 0, f"peft.top_k ({self.top_k}) must be <= peft.n_experts ({self.n_experts})")
+    _check(self.n_experts == 0 or self.method in ("lora", "ia3", "bottleneck"), f"peft.n_experts (a mixture of adapters) works with lora, ia3 or bottleneck, not {self.method!r}")
+    _check(self.prompt_len >= 1, f"peft.prompt_len must be >= 1, got {self.prompt_len}")
+    _check(self.bottleneck_dim >= 1, f"peft.bottleneck_dim must be >= 1, got {self.bottleneck_dim}")
+    _check(len(self.bottleneck_at) > 0 and set(self.bottleneck_at) <= {"attn", "ffn"}, f"peft.bottleneck_at must name attn and/or ffn, got {self.bottleneck_at!r}")
+    _check(self.esft_score in ("gate", "token"), f"peft.esft_score must be 'gate' or 'token', got {self.esft_score!r}")
+    _check(0 < self.esft_top_p <= 1, f"peft.esft_top_p must be in (0, 1], got {self.esft_top_p}")
+    _check(self.esft_batches >= 1, f"peft.esft_batches must be >= 1, got {self.esft_batches}")
+    _check(self.library_top_k >= 1, f"peft.library_top_k must be >= 1, got {self.library_top_k}")
+    if self.method in ("arrow", "phatgoose"):
+      _check(len(self.library) >= 2, f"peft.method={self.method!r} routes over a library: peft.library needs at least 2 adapter directories")
+    if self.method == "phatgoose_gates":
+      _check(len(self.library) == 1, "peft.method='phatgoose_gates' trains the gates of one adapter: set peft.library to its directory")
+    _check(
+        not (self.method == "bottleneck" and self.n_experts) or self.allow_noncausal_routing,
+        "SMEAR-merged bottleneck experts (peft.n_experts > 0) route each sequence on its whole mean, future tokens included; "
+        "set peft.allow_noncausal_routing=true to opt in",
+    )
+
+  def __hash__(self):  # the pattern dicts: hash by value
+    return hash(tuple((f.name, str(getattr(self, f.name))) for f in dataclasses.fields(self)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """Everything a run needs, readable top to bottom."""
@@ -324,6 +386,8 @@ class Experiment:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  peft: PeftConfig = PeftConfig()  # fine-tuning method (default: train every weight)
+  init_from: str = ""  # weights to start from: a jaxlm run directory ("": a fresh initialisation)
 
   def __post_init__(self):
     _check(bool(self.name) and "/" not in self.name, f"experiment name must be non-empty without '/', got {self.name!r}")

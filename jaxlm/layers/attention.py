@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.layers.linear import project
 from jaxlm.layers.params import normal, param
 from jaxlm.layers.rope import apply_rope
 from jaxlm.sharding import shard
@@ -62,11 +63,11 @@ def attention(
     cache: KVCache | None = None,
     implementation: str | None = "xla",
 ) -> tuple[jax.Array, KVCache | None]:
-  """The pure function over explicit weights. Returns (y [B, L, D], updated cache or None)."""
+  """The pure function over explicit weights (arrays or adapted weights). Returns (y [B, L, D], updated cache or None)."""
   dt = x_bld.dtype
-  q = jnp.einsum("bld,dhk->blhk", x_bld, w_q_dhk.astype(dt))
-  k = jnp.einsum("bld,dgk->blgk", x_bld, w_k_dgk.astype(dt))
-  v = jnp.einsum("bld,dgk->blgk", x_bld, w_v_dgk.astype(dt))
+  q = project("bld,dhk->blhk", x_bld, w_q_dhk)
+  k = project("bld,dgk->blgk", x_bld, w_k_dgk)
+  v = project("bld,dgk->blgk", x_bld, w_v_dgk)
   q = shard(apply_rope(q, positions_bl, rope_theta), "batch", "seq", "heads", "head_dim")
   k = shard(apply_rope(k, positions_bl, rope_theta), "batch", "seq", "kv_heads", "head_dim")
   v = shard(v, "batch", "seq", "kv_heads", "head_dim")
@@ -85,7 +86,7 @@ def attention(
     mask = (slots[None, None, :] <= query_slot[:, :, None])[:, None]  # [B, 1, L, S]
     out = jax.nn.dot_product_attention(q, cache.k.astype(dt), cache.v.astype(dt), mask=mask, implementation="xla")
   out = shard(out, "batch", "seq", "heads", "head_dim")
-  y = jnp.einsum("blhk,hkd->bld", out, w_o_hkd.astype(dt))
+  y = project("blhk,hkd->bld", out, w_o_hkd)
   return y, cache
 
 
@@ -98,10 +99,10 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.implementation = None if cfg.attention_impl == "auto" else cfg.attention_impl
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-    self.w_q = param(rngs, normal(cfg.init_std), (d, h, k), ("embed", "heads", "head_dim"), cfg.param_dtype)
-    self.w_k = param(rngs, normal(cfg.init_std), (d, g, k), ("embed", "kv_heads", "head_dim"), cfg.param_dtype)
-    self.w_v = param(rngs, normal(cfg.init_std), (d, g, k), ("embed", "kv_heads", "head_dim"), cfg.param_dtype)
-    self.w_o = param(rngs, normal(out_std), (h, k, d), ("heads", "head_dim", "embed"), cfg.param_dtype)
+    self.w_q = param(rngs, normal(cfg.init_std), (d, h, k), ("embed", "heads", "head_dim"), cfg.param_dtype, fan_in=(0,))
+    self.w_k = param(rngs, normal(cfg.init_std), (d, g, k), ("embed", "kv_heads", "head_dim"), cfg.param_dtype, fan_in=(0,))
+    self.w_v = param(rngs, normal(cfg.init_std), (d, g, k), ("embed", "kv_heads", "head_dim"), cfg.param_dtype, fan_in=(0,))
+    self.w_o = param(rngs, normal(out_std), (h, k, d), ("heads", "head_dim", "embed"), cfg.param_dtype, fan_in=(0, 1))
 
   def __call__(
       self,

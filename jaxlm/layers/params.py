@@ -22,8 +22,13 @@ def param(
     axes: Sequence[str | None],
     param_dtype: str | jnp.dtype = "float32",
     kind: type[nnx.Variable] = nnx.Param,
+    *,
+    fan_in: Sequence[int] | None = None,
 ) -> nnx.Variable:
   """A variable with its logical axes recorded as `out_sharding` metadata.
+
+  `fan_in`: for a linear weight, the axes that contract with the input (recorded as negative
+  indices in the `fan_in` metadata, see `jaxlm.layers.linear`); None for tables and vectors.
 
   Eager sharding is off: jaxlm shards parameters by building them inside a jit whose output
   shardings come from the logical axes (`jaxlm.models.build`), so layers can also be created
@@ -32,7 +37,10 @@ def param(
   if len(axes) != len(shape):
     raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
   value = init(rngs.params(), tuple(shape), jnp.dtype(param_dtype))
-  return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+  meta = {}
+  if fan_in is not None:
+    meta["fan_in"] = tuple(sorted(a - len(shape) if a >= 0 else a for a in fan_in))
+  return kind(value, out_sharding=tuple(axes), eager_sharding=False, **meta)
 
 
 def normal(std: float) -> Initializer:

@@ -58,7 +58,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
   state = nnx.state(abstract_model(cfg), nnx.Param)
   total = sum(x.size for x in jax.tree.leaves(state))
-  inactive = sum(getattr(FFN.get(k), "inactive_params", lambda c: 0)(cfg) for k in cfg.ffn_kinds)
+  inactive = sum(FFN.get(k).inactive_params(cfg) for k in cfg.ffn_kinds)
   embed = cfg.vocab_size * cfg.d_model
   return {"total": total, "active": total - inactive, "embedding": embed}
 

@@ -22,6 +22,7 @@ from jaxlm.layers.attention import Attention, KVCache
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.ffn import FFN
 from jaxlm.layers.norms import RMSNorm
+from jaxlm.layers.linear import project
 from jaxlm.layers.params import normal, param
 from jaxlm.sharding import shard
 
@@ -32,10 +33,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _ffn_output(out: Any) -> tuple[jax.Array, Aux]:
-  return out if isinstance(out, tuple) else (out, {})
 
 
 def combine_aux(auxes: list[Aux], *, stacked: bool = False) -> Aux:
@@ -79,7 +76,7 @@ class Block(nnx.Module):
       y, ffn_state = self.ffn.decode(self.ffn_norm(x_bld), cache.ffn, positions=positions, segment_ids=segment_ids)
       aux = {}
     else:
-      y, aux = _ffn_output(self.ffn(self.ffn_norm(x_bld), segment_ids=segment_ids, positions=positions))
+      y, aux = self.ffn(self.ffn_norm(x_bld), segment_ids=segment_ids, positions=positions)
       ffn_state = None  # no cache, or an FFN kind without decoding state
     return shard(x_bld + y, "batch", "seq", "embed"), aux, (None if cache is None else BlockCache(kv, ffn_state))
 
@@ -121,7 +118,7 @@ class Transformer(nnx.Module):
       self.blocks = nnx.List([Block(cfg, kinds[i], rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+      self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype, fan_in=(0,))
 
   # -- the layer stack ---------------------------------------------------------------------
 
@@ -178,7 +175,7 @@ class Transformer(nnx.Module):
     x_bld = self.final_norm(x_bld)
     if self.cfg.tie_embeddings:
       return self.embed.attend(x_bld)
-    logits = jnp.einsum("bld,dv->blv", x_bld, self.lm_head[...].astype(x_bld.dtype), preferred_element_type=jnp.float32)
+    logits = project("bld,dv->blv", x_bld, self.lm_head[...], preferred_element_type=jnp.float32)
     return shard(logits, "batch", "seq", "vocab")
 
   # -- public ------------------------------------------------------------------------------
@@ -197,7 +194,7 @@ class Transformer(nnx.Module):
     cfg = self.cfg
 
     def one(i: int) -> BlockCache:
-      ffn_state = getattr(FFN.get(cfg.layer_ffn(i)), "init_decode_state", None)
+      ffn_state = FFN.get(cfg.layer_ffn(i)).init_decode_state
       kv = KVCache.zeros(batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
       return BlockCache(kv, None if ffn_state is None else ffn_state(cfg, batch, max_len))
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError
+from jaxlm.layers.experts import NAMES
 from jaxlm.models.build import build, layer_trees, set_layer_trees, update_from_pure_dict
 from jaxlm.models.transformer import Transformer
 
@@ -73,8 +74,7 @@ def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, mo
     else:
       e = moe_cfg.moe.n_experts
       ffn = dict(d["ffn"])  # fresh router (and bias, jitter state, shared experts)
-      for name in ("w_gate", "w_up", "w_down"):
-        ffn[name] = _like(jnp.broadcast_to(jnp.asarray(s["ffn"][name])[None], (e,) + tuple(jnp.shape(s["ffn"][name]))), d["ffn"][name])
+      ffn["experts"] = {name: _like(jnp.broadcast_to(jnp.asarray(s["ffn"][name])[None], (e,) + tuple(jnp.shape(s["ffn"][name]))), d["ffn"]["experts"][name]) for name in NAMES}
       if "shared" in ffn and ffn["shared"] is not None:
         ffn["shared"] = dict(ffn["shared"], w_down=jnp.zeros_like(ffn["shared"]["w_down"]))  # contributes 0 at step 0
       new["ffn"] = ffn
@@ -100,11 +100,16 @@ def upcycle_run(dense_run: Path, exp: Experiment, out_dir: Path, *, step: int | 
   from jaxlm.train import loop
   from jaxlm.train.checkpoint import Checkpointer
   from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_for_inference, save_config, tokenizer_for
+  from jaxlm.train.step import split_model
 
   dense_run, out_dir = Path(dense_run), Path(out_dir)
   if (out_dir / CONFIG_FILE).exists() or (out_dir / CHECKPOINTS).exists():
     raise ConfigError(f"{out_dir} already holds a run; choose an empty --run-dir")
   dense_exp, dense_model, _, dense_step = load_for_inference(dense_run, step=step, mesh_cfg=exp.mesh)
+  if dense_exp.peft.method != "none":  # a fine-tuned dense run: its adapters merged first
+    from jaxlm import peft
+
+    peft.merge(dense_model)
   check_compatible(dense_exp.model, exp.model)
   loop.validate(exp, None)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +117,9 @@ def upcycle_run(dense_run: Path, exp: Experiment, out_dir: Path, *, step: int | 
     shutil.copy(dense_run / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)  # same tokens as the dense run
   save_config(out_dir, exp)
   setup = loop.prepare(exp)
-  model = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
+  model = nnx.merge(setup.graphdef, setup.state.params, setup.state.frozen, setup.state.rest)
   update_from_pure_dict(model, upcycle_state(nnx.to_pure_dict(nnx.state(dense_model)), dense_exp.model, nnx.to_pure_dict(nnx.state(model)), exp.model))
-  _, params, rest = nnx.split(model, nnx.Param, ...)
+  _, params, _, rest = split_model(model)
   train_iter = iter(loop.datasets(exp, tokenizer_for(exp, out_dir), "train"))
   ckpt = Checkpointer(out_dir / CHECKPOINTS, exp.checkpoint)
   from jaxlm.config import to_dict

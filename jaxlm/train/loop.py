@@ -23,13 +23,13 @@ from jaxlm import sharding
 from jaxlm.config import Experiment, to_dict
 from jaxlm.data import pipeline, sources
 from jaxlm.errors import ConfigError
+from jaxlm import peft
 from jaxlm.layers import FFN
-from jaxlm.models import abstract_model, build
-from jaxlm.train import flops, optimizer, plots
+from jaxlm.train import flops, hooks, optimizer, plots
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.metrics import MetricsWriter
-from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, check_resumable, load_config, save_config, tokenizer_for
-from jaxlm.train.step import TrainState, make_eval_step, make_train_step, split_model, state_shardings
+from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, INIT_FILE, PEFT_INPUTS_FILE, check_resumable, initial_model, load_config, read_record, record, resolve_init, save_config, tokenizer_for
+from jaxlm.train.step import JittedStep, TrainState, make_eval_step, make_train_step, split_model, state_shardings
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class Setup:
   state: TrainState
   shardings: TrainState
   batch_sharding: jax.sharding.NamedSharding
-  train_step: Any  # jitted (not yet compiled) train step
+  train_step: JittedStep  # jitted (not yet compiled) train step: donates the state but its frozen part
   eval_step: Any  # jitted eval step
   lr: Any
 
@@ -64,59 +64,70 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
   for name in exp.data.mixture:
     sources.check(name)
   for kind in sorted(set(exp.model.ffn_kinds)):  # FFN kinds check what depends on the mesh
-    check = getattr(FFN.get(kind), "validate", None)
-    if check is not None:
-      check(exp, mesh_shape)
+    FFN.get(kind).validate(exp, mesh_shape)
   if run_dir is not None and (run_dir / CONFIG_FILE).is_file():
     check_resumable(load_config(run_dir), exp)
 
 
-def prepare(exp: Experiment, devices: list | None = None, *, abstract: bool = False) -> Setup:
+def prepare(exp: Experiment, devices: list | None = None, *, abstract: bool = False, init: dict[str, Any] | None = None, peft_inputs: dict[str, Any] | None = None) -> Setup:
   """Mesh (over `devices`, default all), sharded model and optimizer state, jitted steps.
 
-  With `abstract=True` the state holds ShapeDtypeStructs with shardings instead of arrays:
-  enough to lower and compile the step ahead of time for devices that are not here (e.g. a
-  TPU topology from `jax.experimental.topologies`), allocating nothing.
+  The model starts from `init` (`run.resolve_init`: a checkpoint of `exp.init_from`; None: a
+  fresh initialisation) and gets the PEFT method's adapters (`peft_inputs`: what the method
+  measured beforehand, e.g. ESFT's experts). With `abstract=True` the state holds
+  ShapeDtypeStructs with shardings instead of arrays: enough to lower and compile the step ahead
+  of time for devices that are not here (e.g. a TPU topology from
+  `jax.experimental.topologies`), allocating nothing.
   """
   mesh = sharding.make_mesh(exp.mesh, devices)
   rules = sharding.make_rules(exp.mesh.rules)
+  model = initial_model(exp, mesh, rules, abstract=abstract, init=init, peft_inputs=peft_inputs)
   with sharding.use_rules(rules):
-    model = abstract_model(exp.model, seed=exp.train.seed) if abstract else build(exp.model, mesh, seed=exp.train.seed, rules=rules)
-    graphdef, params, rest = split_model(model)
+    graphdef, params, frozen, rest = split_model(model, peft.trainable(exp.peft))
+    if not jax.tree.leaves(params):
+      raise ConfigError(f"peft.method={exp.peft.method!r} leaves nothing to train")
     tx, lr = optimizer.make(exp.optim, exp.train.steps)
     # Outside the mesh context: optax builds its placeholder state eagerly on the default device.
-    shardings = state_shardings((graphdef, params, rest), tx, mesh, rules)
+    shardings = state_shardings((graphdef, params, frozen, rest), tx, mesh, rules)
   with sharding.use_rules(rules), jax.set_mesh(mesh):
     if abstract:
       with_sharding = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-      params, rest = with_sharding(params, shardings.params), with_sharding(rest, shardings.rest)
+      params, frozen, rest = with_sharding(params, shardings.params), with_sharding(frozen, shardings.frozen), with_sharding(rest, shardings.rest)
       opt_state = with_sharding(jax.eval_shape(tx.init, params), shardings.opt_state)
       step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step)
     else:
       opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
       step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
-    state = TrainState(step=step, params=params, rest=rest, opt_state=opt_state)
+    state = TrainState(step=step, params=params, frozen=frozen, rest=rest, opt_state=opt_state)
     batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(graphdef, tx, lr, exp),
-      in_shardings=(shardings, batch_sh),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-  )
-  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, shardings.rest, batch_sh))
+  train_step = JittedStep(make_train_step(graphdef, tx, lr, exp), shardings, batch_sh)
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, shardings.frozen, shardings.rest, batch_sh))
   return Setup(exp, mesh, rules, graphdef, state, shardings, batch_sh, train_step, eval_step, lr)
 
 
 def state_hooks(setup: Setup, state: TrainState) -> dict[int, Any]:
   """{step: jitted fn(state) -> state} that FFN kinds ask to apply after that step (their
-  `train_hooks`, e.g. the end of the soft MoE's dense warm-up). Each compiles once, on first
-  use; the train step itself never changes."""
-  hooks: dict[int, Any] = {}
-  for kind in sorted(set(setup.exp.model.ffn_kinds)):
-    make = getattr(FFN.get(kind), "train_hooks", None)
-    for step_no, fn in (make(setup.exp, setup.graphdef, state) if make else {}).items():
-      hooks[step_no] = jax.jit(fn, in_shardings=(setup.shardings,), out_shardings=setup.shardings, donate_argnums=0)
-  return hooks
+  `scheduled_edits`, e.g. the end of the soft MoE's dense warm-up; `jaxlm.train.hooks`). Each
+  compiles once, on first use; the train step itself never changes."""
+  return {
+      step_no: jax.jit(fn, in_shardings=(setup.shardings,), out_shardings=setup.shardings, donate_argnums=0)
+      for step_no, fn in hooks.state_hooks(setup.exp, setup.graphdef, state).items()
+  }
+
+
+def measure_peft_inputs(exp: Experiment, run_dir: Path, init: dict[str, Any] | None, tokenizer) -> dict[str, Any] | None:
+  """What the PEFT method measures before its adapters exist (ESFT: the experts to train, scored
+  on training batches), recorded in the run directory so that a resumed run reuses it."""
+  saved = read_record(run_dir, PEFT_INPUTS_FILE)
+  if saved is not None or exp.peft.method != "esft":
+    return saved
+  from jaxlm.peft import esft
+
+  batches = pipeline.take(datasets(exp, tokenizer, "train"), exp.peft.esft_batches)
+  inputs = esft.measure(exp, init, batches)
+  if jax.process_index() == 0:
+    record(run_dir, PEFT_INPUTS_FILE, inputs)
+  return inputs
 
 
 def to_global(batch: dict[str, np.ndarray], sharding_: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
@@ -146,7 +157,7 @@ def evaluate(setup: Setup, state: TrainState, eval_sets: dict[str, Any], n_batch
   outs = {}
   with sharding.use_rules(setup.rules), jax.set_mesh(setup.mesh):
     for name, ds in eval_sets.items():
-      outs[name] = [setup.eval_step(state.params, state.rest, to_global(b, setup.batch_sharding)) for b in pipeline.take(ds, n_batches)]
+      outs[name] = [setup.eval_step(state.params, state.frozen, state.rest, to_global(b, setup.batch_sharding)) for b in pipeline.take(ds, n_batches)]
   outs = jax.device_get(outs)
   record: dict[str, Any] = {}
   total_ce = total_n = 0.0
@@ -167,11 +178,14 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   run_dir = Path(run_dir)
   validate(exp, run_dir)
   is_main = jax.process_index() == 0
+  init = resolve_init(exp, run_dir)
   if is_main:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(run_dir, exp)
+    if init is not None:
+      record(run_dir, INIT_FILE, init)
   tokenizer = tokenizer_for(exp, run_dir)
-  setup = prepare(exp)
+  setup = prepare(exp, init=init, peft_inputs=measure_peft_inputs(exp, run_dir, init, tokenizer))
   tcfg = exp.train
   train_iter = iter(datasets(exp, tokenizer, "train"))
   eval_sets = datasets(exp, tokenizer, "validation", per_source=True)
@@ -182,7 +196,7 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   start = latest or 0
   if latest is not None:  # step 0 too: `jaxlm convert upcycle` writes a run that starts from a checkpoint
     restored = ckpt.restore(start, params=state.params, rest=state.rest, opt_state=state.opt_state, data_iterator=train_iter)
-    state = TrainState(
+    state = state.replace(
         step=jax.device_put(jnp.asarray(restored["opt_state"]["step"], jnp.int32), setup.shardings.step),
         params=restored["params"],
         rest=restored.get("rest", state.rest),
@@ -302,7 +316,7 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
 def _print_samples(setup: Setup, state: TrainState, tokenizer, tcfg) -> None:
   from jaxlm.generate import SamplingConfig, generate_text
 
-  model = nnx.merge(setup.graphdef, state.params, state.rest)
+  model = nnx.merge(setup.graphdef, state.params, state.frozen, state.rest)
   with sharding.use_rules(setup.rules), jax.set_mesh(setup.mesh):
     texts = generate_text(model, tokenizer, list(tcfg.sample_prompts), SamplingConfig(max_new_tokens=tcfg.sample_tokens, temperature=0.8, top_p=0.95, seed=tcfg.seed))
   if jax.process_index() == 0:

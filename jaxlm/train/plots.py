@@ -1,29 +1,11 @@
-"""End-of-run pictures, written as PNGs into the run directory.
-
-`PLOTS` maps a name to `fn(run_dir, history) -> Path | None`, where `history` is the list of
-metric records of the run (as in metrics.jsonl). Every registered plot runs at the end of
-training and skips itself (returns None) when the run has nothing for it. Layers register
-their own pictures (e.g. expert-load heatmaps) next to their code.
-"""
+"""The loss curve, registered with the other end-of-run pictures (`jaxlm.plots`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from jaxlm.registry import Registry
-
-PlotFn = Callable[[Path, list[dict[str, Any]]], "Path | None"]
-PLOTS: Registry = Registry("plot")
-
-
-def _pyplot():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
+from jaxlm.plots import PLOTS, pyplot, write_all  # noqa: F401  (write_all: the trainer's entry point)
 
 
 @PLOTS.register("loss_curve")
@@ -33,7 +15,7 @@ def loss_curve(run_dir: Path, history: list[dict[str, Any]]) -> Path | None:
   evals = [r for r in history if "eval_loss" in r]
   if not train and not evals:
     return None
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
   if train:
     steps, losses = zip(*train)
@@ -59,12 +41,3 @@ def loss_curve(run_dir: Path, history: list[dict[str, Any]]) -> Path | None:
   fig.savefig(path)
   plt.close(fig)
   return path
-
-
-def write_all(run_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
-  out = []
-  for name in PLOTS.keys():
-    path = PLOTS.get(name)(run_dir, history)
-    if path is not None:
-      out.append(path)
-  return out

@@ -1,6 +1,8 @@
 """A run directory: its config, tokenizer and checkpoints, and loading a trained model from it.
 
   <run_dir>/config.json       the experiment that made the run
+  <run_dir>/init_from.json    the weights it started from (`init_from` resolved to a checkpoint step)
+  <run_dir>/peft_inputs.json  what a PEFT method measured before training (ESFT's chosen experts)
   <run_dir>/tokenizer.model   sentencepiece model trained for the run (if any)
   <run_dir>/checkpoints/      Orbax checkpoints (jaxlm.train.checkpoint)
   <run_dir>/metrics.jsonl     metrics, one JSON object per line
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
@@ -22,6 +25,8 @@ from jaxlm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokeniz
 from jaxlm.errors import ConfigError
 
 CONFIG_FILE = "config.json"
+INIT_FILE = "init_from.json"
+PEFT_INPUTS_FILE = "peft_inputs.json"
 TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINTS = "checkpoints"
 
@@ -40,8 +45,11 @@ def load_config(run_dir: Path) -> Experiment:
 
 
 def check_resumable(saved: Experiment, new: Experiment) -> None:
-  """A run resumes only with the same model and data; train, optim, mesh and checkpoint may change."""
-  for section in ("model", "data"):
+  """A run resumes only with the same model, data, PEFT method and initial weights; train, optim,
+  mesh and checkpoint may change."""
+  if saved.init_from != new.init_from:
+    raise ConfigError(f"the run directory holds a run that started from init_from={saved.init_from!r}, not {new.init_from!r}; use another --run-dir")
+  for section in ("model", "data", "peft"):
     a, b = to_dict(getattr(saved, section)), to_dict(getattr(new, section))
     if a != b:
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -76,10 +84,103 @@ def tokenizer_for(exp: Experiment, run_dir: Path | None, *, train_if_missing: bo
   return tok
 
 
-def load_for_inference(run_dir: Path, *, step: int | None = None, mesh_cfg: MeshConfig = MeshConfig()) -> tuple[Experiment, nnx.Module, Tokenizer, int]:
-  """(experiment, model with the checkpoint's parameters, tokenizer, step) of a trained run."""
-  from jaxlm.models import build
+def _hint(path: Path) -> str:
+  from jaxlm import experiments
+
+  if path.parent.name == "runs" and path.name in experiments.known_names():
+    return f"; make it with `jaxlm train {path.name}`" + (" (or `make train`)" if path.name == "quickstart" else "")
+  return ""
+
+
+def resolve_init(exp: Experiment, run_dir: Path | None) -> dict[str, Any] | None:
+  """{"path", "step"}: the checkpoint `exp.init_from` names. A run that already started keeps
+  the step recorded in its `init_from.json` (the source run may have trained on since)."""
+  if not exp.init_from:
+    return None
+  if run_dir is not None and (Path(run_dir) / INIT_FILE).is_file():
+    return json.loads((Path(run_dir) / INIT_FILE).read_text())
+  path = Path(exp.init_from)
+  if not (path / CONFIG_FILE).is_file():
+    raise ConfigError(f"init_from {exp.init_from}: no jaxlm run there{_hint(path)}")
   from jaxlm.train.checkpoint import Checkpointer
+
+  saved = load_config(path)
+  ckpt = Checkpointer(path / CHECKPOINTS, saved.checkpoint, read_only=True) if (path / CHECKPOINTS).is_dir() else None
+  step = ckpt.latest_step() if ckpt else None
+  if ckpt:
+    ckpt.close()
+  if step is None:
+    raise ConfigError(f"init_from {exp.init_from}: the run has no checkpoint yet")
+  return {"path": str(path), "step": int(step)}
+
+
+def record(run_dir: Path, name: str, value: Any) -> None:
+  tmp = run_dir / (name + ".tmp")
+  tmp.write_text(json.dumps(value, indent=2) + "\n")
+  tmp.replace(run_dir / name)
+
+
+def read_record(run_dir: Path | None, name: str) -> Any:
+  if run_dir is None or not (Path(run_dir) / name).is_file():
+    return None
+  return json.loads((Path(run_dir) / name).read_text())
+
+
+# ModelConfig fields that may differ between a run and the weights it starts from.
+INIT_FREE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")
+
+
+def copy_weights(src: nnx.Module, dst: nnx.Module) -> None:
+  """Copy a trained plain model's parameters into `dst` (in place; unrolled or scanned either
+  way, cast to dst's dtypes and placed on its shardings). Adapters of dst are left alone."""
+  import dataclasses
+
+  from jaxlm.models.build import layer_trees, set_layer_trees
+  from jaxlm.peft.modules import Adapted
+
+  a, b = src.cfg, dst.cfg
+  for f in dataclasses.fields(a):
+    if f.name not in INIT_FREE_FIELDS and getattr(a, f.name) != getattr(b, f.name):
+      raise ConfigError(f"init_from: model.{f.name} is {getattr(b, f.name)!r} but the weights come from a model with {getattr(a, f.name)!r}")
+  if any(isinstance(n, Adapted) for _, n in nnx.iter_graph(dst)):
+    raise ConfigError("copy_weights: load the base weights before attaching adapters")
+  src_tree = nnx.to_pure_dict(nnx.state(src, nnx.Param))
+  dst_state = nnx.state(dst, nnx.Param)
+  dst_tree = nnx.to_pure_dict(dst_state)
+  out = jax.tree.map(lambda x: x, dst_tree)  # fresh containers shaped like dst
+  out.update({k: v for k, v in src_tree.items() if k not in ("blocks", "prefix", "units")})
+  set_layer_trees(out, b, layer_trees(src_tree, a))
+  placed = jax.tree.map(lambda s, d: jax.device_put(jax.numpy.asarray(s, d.dtype), d.sharding) if isinstance(d, jax.Array) else jax.numpy.asarray(s, d.dtype), out, dst_tree)
+  nnx.replace_by_pure_dict(dst_state, placed)
+  nnx.update(dst, dst_state)
+
+
+def initial_model(exp: Experiment, mesh: Any, rules: Any, *, abstract: bool = False, init: dict[str, Any] | None = None, peft_inputs: dict[str, Any] | None = None) -> nnx.Module:
+  """The model a run of `exp` starts from: initialised on `mesh` (or abstract), the `init`
+  checkpoint's weights copied in (`resolve_init`), then the PEFT method's adapters attached."""
+  from jaxlm import peft
+  from jaxlm.models import abstract_model, build
+
+  with sharding.use_rules(rules):
+    model = abstract_model(exp.model, seed=exp.train.seed) if abstract else build(exp.model, mesh, seed=exp.train.seed, rules=rules)
+    if init is not None and not abstract:
+      src_exp, src, _, _ = load_for_inference(Path(init["path"]), step=init["step"], mesh=mesh)
+      if src_exp.peft.method != "none":
+        peft.merge(src)
+      copy_weights(src, model)
+      del src
+    return peft.apply(model, exp.peft, seed=exp.train.seed, **(peft_inputs or {}))
+
+
+def load_for_inference(run_dir: Path, *, step: int | None = None, mesh_cfg: MeshConfig = MeshConfig(), mesh: Any = None) -> tuple[Experiment, nnx.Module, Tokenizer, int]:
+  """(experiment, model with the checkpoint's parameters, tokenizer, step) of a trained run.
+
+  A PEFT run's checkpoint holds its adapters only: the model is rebuilt from the run's base
+  (`init_from.json`) and the adapters restored on top (not merged).
+  """
+  from jaxlm import peft
+  from jaxlm.train.checkpoint import Checkpointer
+  from jaxlm.train.step import split_model
 
   run_dir = Path(run_dir)
   exp = load_config(run_dir)
@@ -90,13 +191,12 @@ def load_for_inference(run_dir: Path, *, step: int | None = None, mesh_cfg: Mesh
   step = ckpt.latest_step() if step is None else step
   if step is None or step not in ckpt.manager.all_steps():
     raise ConfigError(f"{run_dir}: no checkpoint at step {step}; have {list(ckpt.manager.all_steps())}")
-  mesh = sharding.make_mesh(mesh_cfg)
+  mesh = sharding.make_mesh(mesh_cfg) if mesh is None else mesh
   rules = sharding.make_rules(exp.mesh.rules)
+  model = initial_model(exp, mesh, rules, init=read_record(run_dir, INIT_FILE), peft_inputs=read_record(run_dir, PEFT_INPUTS_FILE))
   with sharding.use_rules(rules):
-    model = build(exp.model, mesh, seed=exp.train.seed, rules=rules)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, frozen, rest = split_model(model, peft.trainable(exp.peft))
     restored = ckpt.restore(step, params=params, rest=rest, opt_state=None, data_iterator=None)
   ckpt.close()
-  model = nnx.merge(graphdef, restored["params"], restored.get("rest", rest))
+  model = nnx.merge(graphdef, restored["params"], frozen, restored.get("rest", rest))
   return exp, model, tokenizer_for(exp, run_dir, train_if_missing=False), step
-

@@ -1,8 +1,15 @@
-"""The train state and the pure step functions: `train_step(state, batch)`, `eval_step(params, rest, batch)`.
+"""The train state and the pure step functions: `train_step(state, batch)`, `eval_step(params, frozen, rest, batch)`.
 
-The model is split once into a static graph definition, its trainable parameters and the rest
-(non-trainable variables). The state is a plain pytree (step, params, rest, opt_state) so it
-can be jitted with explicit shardings, donated, and checkpointed as is.
+The model is split once into a static graph definition, its trainable parameters (the PEFT
+config's `trainable` filter; every `nnx.Param` by default), its frozen parameters (the base
+weights under PEFT, empty otherwise) and the rest (non-trainable state). The state is a plain
+pytree (step, params, frozen, rest, opt_state): jitted with explicit shardings and checkpointed
+as is. Gradients are taken only with respect to `params`, so the backward pass never forms the
+frozen weights' gradients, and the optimizer holds moments for `params` only. `JittedStep`
+donates the state except `frozen` (which is never rewritten).
+
+A batch may carry `adapter_ids` [B]: the adapter of every example when the model holds a bank
+of adapters (`jaxlm.peft.use_adapter`), in training as in evaluation.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import sharding
 from jaxlm.config import Experiment
+from jaxlm.layers.linear import use_adapter
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -24,26 +32,35 @@ Metrics = dict[str, jax.Array]
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32 scalar: optimizer steps taken
-  params: nnx.State  # trainable variables (nnx.Param)
+  params: nnx.State  # trainable variables (the PEFT config's filter; every nnx.Param by default)
+  frozen: nnx.State  # parameters that are not trained (the base model under PEFT): never donated or re-saved
   rest: nnx.State  # everything else the model holds (non-trainable state)
   opt_state: optax.OptState
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """(graphdef, trainable params, rest)."""
-  return nnx.split(model, nnx.Param, ...)
+def is_parameter(path: Any, v: Any) -> bool:
+  """Base weights and adapter weights (the rest is state: counters, biases of routers, ...)."""
+  from jaxlm.peft.modules import AdapterParam
+
+  return isinstance(v, (nnx.Param, AdapterParam))
 
 
-def state_shardings(graphdef_params_rest: tuple[Any, nnx.State, nnx.State], tx: optax.GradientTransformation, mesh: Mesh, rules=None) -> TrainState:
+def split_model(model: nnx.Module, trainable: Any = nnx.Param) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+  """(graphdef, trainable params, frozen params, rest)."""
+  return nnx.split(model, trainable, is_parameter, ...)
+
+
+def state_shardings(split: tuple[Any, nnx.State, nnx.State, nnx.State], tx: optax.GradientTransformation, mesh: Mesh, rules=None) -> TrainState:
   """Shardings of every leaf of the train state: params by their logical axes, the optimizer's
   moments like their params, scalars replicated."""
-  _, params, rest = graphdef_params_rest
+  _, params, frozen, rest = split
   p_sh = sharding.state_shardings(params, mesh, rules)
+  f_sh = sharding.state_shardings(frozen, mesh, rules)
   r_sh = sharding.state_shardings(rest, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(tx.init, params)
   o_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return TrainState(step=replicated, params=p_sh, rest=r_sh, opt_state=o_sh)
+  return TrainState(step=replicated, params=p_sh, frozen=f_sh, rest=r_sh, opt_state=o_sh)
 
 
 def token_losses(logits_blv: jax.Array, targets_bl: jax.Array, mask_bl: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -55,7 +72,7 @@ def token_losses(logits_blv: jax.Array, targets_bl: jax.Array, mask_bl: jax.Arra
   return jnp.sum((lse - target_logit) * m), jnp.sum(lse * lse * m), jnp.sum(m)
 
 
-def _forward(graphdef, params, rest, batch, *, train: bool):
+def _forward(graphdef, params, frozen, rest, batch, *, train: bool):
   """Logits, aux and the model's non-trainable state after the call.
 
   Layers may update their own non-trainable variables in a training forward pass (like batch
@@ -63,11 +80,12 @@ def _forward(graphdef, params, rest, batch, *, train: bool):
   returned so the step can carry it. In evaluation (`model.eval()`: `deterministic=True` on
   every module that has the attribute) they must not.
   """
-  model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables: layers may update them in this trace
+  model = nnx.merge(graphdef, params, frozen, rest, copy=True)  # fresh Variables: layers may update them in this trace
   if not train:
     model.eval()
-  logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-  return logits, aux, nnx.state(model, nnx.Not(nnx.Param))
+  with use_adapter(batch.get("adapter_ids")):
+    logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+  return logits, aux, nnx.state(model, nnx.Not(is_parameter))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr: optax.Schedule, exp: Experiment) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -79,8 +97,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
   """
   accum, z_weight = exp.train.grad_accum, exp.train.z_loss_weight
 
-  def loss_fn(params, rest, mb, n_total):
-    logits, aux, rest = _forward(graphdef, params, rest, mb, train=True)
+  def loss_fn(params, frozen, rest, mb, n_total):
+    logits, aux, rest = _forward(graphdef, params, frozen, rest, mb, train=True)
     ce, z, n = token_losses(logits, mb["targets"], mb["loss_mask"])
     aux_losses = aux.get("losses", {})
     loss = ce / n_total + z_weight * z / n_total + sum(aux_losses.values(), jnp.float32(0)) / accum
@@ -98,7 +116,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     if accum == 1:
-      grads, (stats, rest) = grad_fn(state.params, state.rest, batch, n_total)
+      grads, (stats, rest) = grad_fn(state.params, state.frozen, state.rest, batch, n_total)
     else:
       # Microbatch a takes rows a, a + A, a + 2A, ...: each microbatch stays spread over all
       # devices of the batch axes (a contiguous split would leave most devices idle).
@@ -111,10 +129,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
 
       def body(carry, mb):
         g_acc, s_acc, rest = carry
-        g, (s, rest) = grad_fn(state.params, rest, mb, n_total)
+        g, (s, rest) = grad_fn(state.params, state.frozen, rest, mb, n_total)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s), rest), None
 
-      stats0 = jax.eval_shape(lambda: grad_fn(state.params, state.rest, jax.tree.map(lambda x: x[0], mbs), n_total)[1][0])
+      stats0 = jax.eval_shape(lambda: grad_fn(state.params, state.frozen, state.rest, jax.tree.map(lambda x: x[0], mbs), n_total)[1][0])
       init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0), state.rest)
       (grads, stats, rest), _ = jax.lax.scan(body, init, mbs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -129,17 +147,67 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
         "lr": lr(state.step),
         **stats,
     }
-    return TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics
 
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, nnx.State, Batch], Metrics]:
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, nnx.State, nnx.State, Batch], Metrics]:
   """Sum of cross-entropy and token count on one batch, plus the model's aux metrics."""
 
-  def eval_step(params, rest, batch):
-    logits, aux, _ = _forward(graphdef, params, rest, batch, train=False)
+  def eval_step(params, frozen, rest, batch):
+    logits, aux, _ = _forward(graphdef, params, frozen, rest, batch, train=False)
     ce, _, n = token_losses(logits, batch["targets"], batch["loss_mask"])
     return {"ce_sum": ce, "tokens": n, **{f"metrics/{k}": v for k, v in aux.get("metrics", {}).items()}}
 
   return eval_step
+
+
+class JittedStep:
+  """`jax.jit` of `train_step(state, batch)` that donates the state except its frozen part.
+
+  Called like the step; `lower(state, batch).compile()` gives a compiled step called the same
+  way (with `memory_analysis`, `cost_analysis` of the compiled executable).
+  """
+
+  def __init__(self, step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]], shardings: TrainState, batch_sharding: Any):
+    def without_frozen(frozen, state, batch):
+      new, metrics = step_fn(state.replace(frozen=frozen), batch)
+      return new.replace(frozen=None), metrics
+
+    mutable = shardings.replace(frozen=None)
+    self._jit = jax.jit(without_frozen, in_shardings=(shardings.frozen, mutable, batch_sharding), out_shardings=(mutable, None), donate_argnums=1)
+
+  @staticmethod
+  def _args(state: TrainState, batch: Batch) -> tuple:
+    return state.frozen, state.replace(frozen=None), batch
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    new, metrics = self._jit(*self._args(state, batch))
+    return new.replace(frozen=state.frozen), metrics
+
+  def lower(self, state: TrainState, batch: Batch) -> "_Lowered":
+    return _Lowered(self._jit.lower(*self._args(state, batch)))
+
+
+class _Lowered:
+  def __init__(self, lowered: Any):
+    self.lowered = lowered
+
+  def compile(self) -> "_Compiled":
+    return _Compiled(self.lowered.compile())
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.lowered, name)
+
+
+class _Compiled:
+  def __init__(self, compiled: Any):
+    self.compiled = compiled
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    new, metrics = self.compiled(*JittedStep._args(state, batch))
+    return new.replace(frozen=state.frozen), metrics
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.compiled, name)

@@ -26,7 +26,7 @@ def with_moe(cfg: ModelConfig = CFG, **kw) -> ModelConfig:
 
 
 def params_of(layer: MoE) -> dict:
-  p = {"router": layer.router[...], "w_gate": layer.w_gate[...], "w_up": layer.w_up[...], "w_down": layer.w_down[...]}
+  p = {"router": layer.router[...], "w_gate": layer.experts.w_gate[...], "w_up": layer.experts.w_up[...], "w_down": layer.experts.w_down[...]}
   if layer.shared is not None:
     p["shared"] = {"w_gate": layer.shared.w_gate[...], "w_up": layer.shared.w_up[...], "w_down": layer.shared.w_down[...]}
   if layer.bias is not None:
@@ -260,7 +260,7 @@ def test_layer_in_bfloat16_runs_and_is_close_to_float32():
 
 def test_expert_load_heatmap_is_written_from_the_history(tmp_path):
   from jaxlm.layers.moe.plots import expert_load_heatmap
-  from jaxlm.train.plots import PLOTS
+  from jaxlm.plots import PLOTS
 
   assert PLOTS.get("moe_expert_load") is expert_load_heatmap
   assert expert_load_heatmap(tmp_path, [{"step": 1, "loss": 2.0}]) is None  # a dense run: no picture

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from jaxlm import sharding
 from jaxlm.config import MeshConfig, ModelConfig, MoEConfig
 from jaxlm.layers.moe import MoE, moe
-from jaxlm.layers.moe.parallel import _emulated_ragged_all_to_all
+from jaxlm.layers.moe.exchange import _emulated_ragged_all_to_all
 from jaxlm.models import Transformer, build
 
 BASE = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=16, ffn="moe", dtype="float32", moe=MoEConfig(top_k=2))
@@ -32,9 +32,9 @@ def params_for(cfg: ModelConfig) -> dict:
   k = jax.random.split(jax.random.key(5), 4)
   return {
       "router": jax.random.normal(k[0], layer.router.shape),
-      "w_gate": jax.random.normal(k[1], layer.w_gate.shape) / 4,
-      "w_up": jax.random.normal(k[2], layer.w_up.shape) / 4,
-      "w_down": jax.random.normal(k[3], layer.w_down.shape) / 4,
+      "w_gate": jax.random.normal(k[1], layer.experts.w_gate.shape) / 4,
+      "w_up": jax.random.normal(k[2], layer.experts.w_up.shape) / 4,
+      "w_down": jax.random.normal(k[3], layer.experts.w_down.shape) / 4,
   }
 
 
@@ -120,7 +120,7 @@ def test_sharded_model_forward_and_grads_equal_one_device():
   ref_model = nnx.merge(graphdef, jax.device_get(state))  # the same weights on one device
   ref = step(ref_model, tokens)
   with jax.set_mesh(mesh):
-    w = model.blocks[1].ffn.w_gate[...]
+    w = model.blocks[1].ffn.experts.w_gate[...]
     assert w.sharding.spec[0] == "expert" and w.addressable_shards[0].data.shape[0] == 2  # 2 of 8 experts per device
     got = step(model, tokens)
     # the bias update happened identically on both (a training-mode forward pass)

@@ -29,7 +29,7 @@ def with_moe(cfg: ModelConfig = CFG, **kw) -> ModelConfig:
 def identity_router_params(cfg: ModelConfig) -> dict:
   """router = I (D = E = 4): the router logits are the inputs themselves."""
   layer = MoE(cfg, rngs=nnx.Rngs(0))
-  return {"router": jnp.eye(4), "w_gate": layer.w_gate[...], "w_up": layer.w_up[...], "w_down": layer.w_down[...]}
+  return {"router": jnp.eye(4), "w_gate": layer.experts.w_gate[...], "w_up": layer.experts.w_up[...], "w_down": layer.experts.w_down[...]}
 
 
 def test_topk_is_decided_in_float32_with_bfloat16_activations():
@@ -148,7 +148,7 @@ def test_jitter_only_in_training_and_deterministic_in_eval():
   layer.eval()
   c, d = call(layer, x), call(layer, x)
   np.testing.assert_array_equal(c, d)
-  p = {"router": layer.router[...], "w_gate": layer.w_gate[...], "w_up": layer.w_up[...], "w_down": layer.w_down[...]}
+  p = {"router": layer.router[...], "w_gate": layer.experts.w_gate[...], "w_up": layer.experts.w_up[...], "w_down": layer.experts.w_down[...]}
   np.testing.assert_allclose(c, moe(p, x, cfg)[0], rtol=1e-5, atol=1e-6)
 
 

@@ -42,7 +42,7 @@ def call(layer, x, segment_ids=None, positions=None):
 
 @nnx.jit
 def call_dense(mlp, x):
-  return mlp(x)
+  return mlp(x)[0]
 
 
 def packed(lengths, total):
@@ -61,7 +61,7 @@ def test_one_expert_equals_dense(granularity, packed_rows):
   cfg = with_soft(n_experts=1, granularity=granularity, allow_noncausal_routing=True)
   layer = SoftMergedMoE(cfg, rngs=nnx.Rngs(0))
   dense = MLP(cfg, rngs=nnx.Rngs(1))
-  dense.w_gate[...], dense.w_up[...], dense.w_down[...] = layer.w_gate[0], layer.w_up[0], layer.w_down[0]
+  dense.w_gate[...], dense.w_up[...], dense.w_down[...] = layer.experts.w_gate[0], layer.experts.w_up[0], layer.experts.w_down[0]
   x = randn((2, 16, cfg.d_model))
   kw = {}
   if packed_rows:
@@ -207,7 +207,7 @@ def test_dense_flag_routes_everything_to_expert_zero():
   layer = SoftMergedMoE(cfg, rngs=nnx.Rngs(0))
   x = randn((2, 8, cfg.d_model), 3)
   y, _ = call(layer, x)
-  np.testing.assert_allclose(y, swiglu(x, layer.w_gate[0], layer.w_up[0], layer.w_down[0]), atol=1e-6)
+  np.testing.assert_allclose(y, swiglu(x, layer.experts.w_gate[0], layer.experts.w_up[0], layer.experts.w_down[0]), atol=1e-6)
   layer.dense[...] = jnp.zeros((1,), bool)
   assert not np.allclose(call(layer, x)[0], y, atol=1e-6)
 
@@ -235,7 +235,7 @@ def test_sharded_equals_single_device():
   mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
   graphdef, state = nnx.split(layer)
   shardings = state_shardings(state, mesh)
-  assert shardings["w_gate"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert shardings["experts"]["w_gate"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   with jax.set_mesh(mesh):
     sharded = nnx.merge(graphdef, jax.device_put(state, shardings))
     (_, y2), g2 = loss_and_grads(sharded, x)

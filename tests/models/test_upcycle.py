@@ -50,7 +50,7 @@ def test_upcycled_model_computes_the_dense_function(cfg):
     else:
       ffn, row = model.blocks[i].ffn, np.asarray
     for name in ("w_gate", "w_up", "w_down"):
-      w = row(getattr(ffn, name)[...])
+      w = row(getattr(ffn.experts, name)[...])
       assert w.shape[0] == cfg.moe.n_experts
       for e in range(cfg.moe.n_experts):
         np.testing.assert_array_equal(w[e], np.asarray(getattr(dense.blocks[i].ffn, name)[...]), err_msg=f"layer {i} expert {e} {name}")

@@ -120,14 +120,14 @@ def test_no_weight_decay_on_norms():
   from jaxlm.models import abstract_model
   from jaxlm.train.step import split_model
 
-  _, params, _ = split_model(abstract_model(dataclasses.replace(EXP.model, scan_layers=False)))
+  _, params, _, _ = split_model(abstract_model(dataclasses.replace(EXP.model, scan_layers=False)))
   mask = nnx.to_pure_dict(decay_mask(params))
   assert mask["blocks"][0]["attn_norm"]["scale"] is False
   assert mask["final_norm"]["scale"] is False
   assert mask["blocks"][0]["ffn"]["w_up"] is True
   assert mask["embed"]["w_vd"] is True
   # Scanned layers stack a leading axis on every variable: a stacked norm scale stays undecayed.
-  _, params, _ = split_model(abstract_model(dataclasses.replace(EXP.model, scan_layers=True)))
+  _, params, _, _ = split_model(abstract_model(dataclasses.replace(EXP.model, scan_layers=True)))
   mask = nnx.to_pure_dict(decay_mask(params))
   assert mask["units"]["blocks"][0]["ffn_norm"]["scale"] is False
   assert mask["units"]["blocks"][0]["attn"]["w_q"] is True

@@ -13,44 +13,27 @@ Paths, chosen by the config:
   dropless, ep > 1       rows grouped by destination device and exchanged with a ragged
       all-to-all (TPU/GPU), or a padded all-to-all on CPU whose chunks hold every row a device
       could send (dropless must allow all tokens to pick one device's experts).
+      (exchange.py)
+
+Adapter gates. When the experts carry a bank of adapters chosen per example (`jaxlm.peft`,
+`use_adapter`), each token's gates [N] are appended to its row as N extra columns before the
+dispatch, so they follow the row through sorting, capacity slots and all-to-alls, and the
+grouped matmul splits them off (`gmm.run_experts`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from jaxlm.config import MoEConfig
+from jaxlm.layers.experts import ExpertWeights
+from jaxlm.layers.moe import exchange
 from jaxlm.layers.moe import layout as lay
-from jaxlm.layers.moe.gmm import block_rows_for, expert_swiglu
+from jaxlm.layers.moe.exchange import NO_EXPERT_AXIS, ExpertAxis
+from jaxlm.layers.moe.gmm import block_rows_for, run_experts
 from jaxlm.layers.moe.losses import Stats, router_stats
 from jaxlm.layers.moe.routing import ROUTERS, Routing, capacity, router_logits
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertAxis:
-  """The mesh axes the experts are split over, as seen inside the shard_map."""
-
-  name: str | tuple[str, ...] | None = None  # mesh axis name(s); None: no expert parallelism
-  size: int = 1  # devices along it (experts per device = E / size)
-  ragged: bool = False  # dropless exchange with ragged_all_to_all (else a padded all_to_all)
-
-
-NO_EXPERT_AXIS = ExpertAxis()
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertWeights:
-  """This device's experts: w_gate [E_loc, D, F], w_up [E_loc, D, F], w_down [E_loc, F, D]."""
-
-  w_gate_edf: jax.Array
-  w_up_edf: jax.Array
-  w_down_efd: jax.Array
-
-  def swiglu(self, x_md: jax.Array, group_sizes_e: jax.Array | None, *, backend: str, block_rows: int = 1) -> jax.Array:
-    return expert_swiglu(x_md, self.w_gate_edf, self.w_up_edf, self.w_down_efd, group_sizes_e, backend=backend, block_rows=block_rows)
 
 
 def routed_local(
@@ -63,43 +46,48 @@ def routed_local(
     backend: str,
     bias_e: jax.Array | None = None,
     jitter_bld: jax.Array | None = None,
+    gates_bln: jax.Array | None = None,
     ep: ExpertAxis = NO_EXPERT_AXIS,
 ) -> tuple[jax.Array, Stats]:
-  """(y [B, L, D] of the routed experts, this device's router stats)."""
+  """(y [B, L, D] of the routed experts, this device's router stats).
+
+  `gates_bln`: per-token gates over a bank of expert adapters (or None).
+  """
   b, l, d = x_bld.shape
   t = b * l
   logits_ble = router_logits(x_bld, router_de, jitter_bld)
   routing = ROUTERS.get(cfg.router)(logits_ble, cfg, mask_bl=mask_bl, bias_e=bias_e)
   x_td = x_bld.reshape(t, d)
+  n_gates = 0
+  if gates_bln is not None:
+    n_gates = gates_bln.shape[-1]
+    x_td = jnp.concatenate([x_td, gates_bln.reshape(t, n_gates).astype(x_td.dtype)], axis=1)
+  run = lambda x_md, sizes, block=1: run_experts(x_md, experts, sizes, backend=backend, block_rows=block, n_gates=n_gates)
   if cfg.mode == "capacity" or cfg.router == "expert_choice":
     layout = lay.capacity_layout(routing.expert_n, routing.token_n // l, cfg.n_experts, b, capacity(l, cfg))
-    y_nd = _capacity(x_td, routing, layout, experts, ep, backend)
+    y_nd = _capacity(x_td, routing, layout, run, ep, experts.n_experts)
   elif ep.size == 1:
     block = block_rows_for(backend, routing.expert_n.shape[0], cfg.n_experts, cfg.block_rows)
     layout = lay.dropless_layout(routing.expert_n, cfg.n_experts, block)
     x_md = lay.dispatch(x_td, layout, routing.token_n)
-    y_md = experts.swiglu(x_md, layout.group_sizes_e, backend=backend, block_rows=block)
-    y_nd = lay.gather_rows(y_md, layout)
+    y_nd = lay.gather_rows(run(x_md, layout.group_sizes_e, block), layout)
   else:
-    from jaxlm.layers.moe import parallel
-
-    exchange = parallel.dropless_ragged if ep.ragged else parallel.dropless_padded
-    layout, y_nd = exchange(x_td, routing, experts, ep, cfg=cfg, backend=backend)
+    exchange_fn = exchange.dropless_ragged if ep.ragged else exchange.dropless_padded
+    layout, y_nd = exchange_fn(x_td, routing, experts, ep, cfg=cfg, backend=backend, n_gates=n_gates)
   y_td = lay.combine(y_nd, routing, t)
   stats = router_stats(logits_ble.reshape(t, -1), routing, mask_bl.reshape(t), lay.dropped(layout, routing.expert_n, cfg.n_experts))
   return y_td.reshape(b, l, d), stats
 
 
-def _capacity(x_td: jax.Array, routing: Routing, layout: lay.Layout, experts: ExpertWeights, ep: ExpertAxis, backend: str) -> jax.Array:
+def _capacity(x_td: jax.Array, routing: Routing, layout: lay.Layout, run, ep: ExpertAxis, e_loc: int) -> jax.Array:
   """Fixed-slot dispatch; the [E, G*C] slot buffer is split over devices as [ep, E_loc, G*C]."""
   x_md = lay.dispatch(x_td, layout, routing.token_n)
   if ep.size > 1:
-    e_loc = experts.w_gate_edf.shape[0]
     x_md = _swap_device_expert(jax.lax.all_to_all(x_md, ep.name, 0, 0, tiled=True), ep.size, e_loc)
-    y_md = experts.swiglu(x_md, None, backend=backend)
+    y_md = run(x_md, None)
     y_md = jax.lax.all_to_all(_swap_device_expert(y_md, e_loc, ep.size), ep.name, 0, 0, tiled=True)
   else:
-    y_md = experts.swiglu(x_md, None, backend=backend)
+    y_md = run(x_md, None)
   return lay.gather_rows(y_md, layout)
 
 

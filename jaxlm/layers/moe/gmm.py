@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
+from jaxlm.layers.experts import ExpertWeights
+from jaxlm.layers.linear import Rows
 from jaxlm.registry import Registry
 
 GMM: Registry = Registry("grouped matmul backend")
@@ -118,17 +120,22 @@ def grouped_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array |
   return fn(x_mk, w_ekn, group_sizes_e, block_rows=block_rows)
 
 
-def expert_swiglu(
+def run_experts(
     x_md: jax.Array,
-    w_gate_edf: jax.Array,
-    w_up_edf: jax.Array,
-    w_down_efd: jax.Array,
+    experts: ExpertWeights,
     group_sizes_e: jax.Array | None,
     *,
     backend: str,
     block_rows: int = 1,
+    n_gates: int = 0,
 ) -> jax.Array:
-  """SwiGLU of each row with its expert's weights: (silu(x W_gate[e]) * (x W_up[e])) W_down[e]."""
+  """SwiGLU of each row with its expert's weights: (silu(x W_gate[e]) * (x W_up[e])) W_down[e].
+
+  With `n_gates` > 0 the last n_gates columns of x are not features but the row's gates over a
+  bank of adapters (dispatched with the row, see `forward.routed_local`); they are split off here.
+  """
+  gates = None
+  if n_gates:
+    x_md, gates = x_md[:, :-n_gates], x_md[:, -n_gates:].astype(jnp.float32)
   mm = lambda a, w: grouped_matmul(a, w, group_sizes_e, backend=backend, block_rows=block_rows)
-  h_mf = jax.nn.silu(mm(x_md, w_gate_edf)) * mm(x_md, w_up_edf)
-  return mm(h_mf, w_down_efd)
+  return experts.swiglu_grouped(x_md, mm, Rows(group_sizes_e, experts.n_experts, gates))

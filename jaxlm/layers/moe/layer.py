@@ -22,9 +22,10 @@ from flax import nnx
 
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.layers.ffn import FFN
+from jaxlm.layers import linear
+from jaxlm.layers.experts import Experts, ExpertWeights
+from jaxlm.layers.ffn import FFN, FFNKind
 from jaxlm.layers.mlp import MLP, swiglu
-from jaxlm.layers.moe.forward import ExpertWeights
 from jaxlm.layers.moe.gmm import resolve_backend, target_platform
 from jaxlm.layers.moe.losses import Stats, aux_from_stats
 from jaxlm.layers.moe.parallel import routed_experts
@@ -68,7 +69,7 @@ def moe(
   jitter = None
   if jitter_key is not None and m.jitter > 0:
     jitter = shard(jitter_noise(jitter_key, x_bld.shape, m.jitter), "batch", "seq", "embed")
-  experts = ExpertWeights(params["w_gate"], params["w_up"], params["w_down"])
+  experts = ExpertWeights.of(params)
   y_bld, stats = routed_experts(
       x_bld,
       mask_bl,
@@ -79,6 +80,7 @@ def moe(
       all_to_all=resolve_all_to_all(m.all_to_all),
       bias_e=params.get("bias"),
       jitter_bld=jitter,
+      gates_bln=_adapter_gates(experts, x_bld.shape[:2]),
   )
   y_bld = y_bld.astype(dt)
   if "shared" in params:
@@ -87,19 +89,28 @@ def moe(
   return shard(y_bld, "batch", "seq", "embed"), aux_from_stats(stats, m), stats
 
 
+def _adapter_gates(experts: ExpertWeights, bl: tuple[int, int]) -> jax.Array | None:
+  """[B, L, N] one-hot gates of each token's adapter when the experts hold a bank of adapters
+  chosen per example (`jaxlm.peft.use_adapter`); they travel with the tokens' rows."""
+  n = max(linear.bank_size(w) for w in experts)
+  if not n:
+    return None
+  ids = linear.current_adapter_ids()
+  if ids is None:
+    raise ConfigError("the experts hold a bank of adapters: choose one per example with jaxlm.peft.use_adapter(ids)")
+  return jnp.broadcast_to(jax.nn.one_hot(ids, n, dtype=jnp.float32)[:, None, :], bl + (n,))
+
+
 @FFN.register("moe")
-class MoE(nnx.Module):
+class MoE(FFNKind):
   """Sparse MoE FFN; `__call__(x_bld, segment_ids=None) -> (y_bld, aux)`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     m = cfg.moe
     d, f, e = cfg.d_model, m.d_ff_expert or cfg.d_ff, m.n_experts
     self.cfg = cfg
-    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 style scaling of residual outputs
-    self.router = param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype)
-    self.w_gate = param(rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), cfg.param_dtype)
-    self.w_up = param(rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), cfg.param_dtype)
-    self.w_down = param(rngs, normal(out_std), (e, f, d), ("expert", "mlp", "embed"), cfg.param_dtype)
+    self.router = param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype, fan_in=(0,))
+    self.experts = Experts(cfg, e, f, expert_axis="expert", rngs=rngs)
     self.shared = MLP(cfg, d_ff=m.n_shared_experts * f, rngs=rngs) if m.n_shared_experts else None
     self.bias = RouterState(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False) if m.router == "sigmoid_bias" else None
     if m.jitter > 0:  # raw key data and a counter (plain integer arrays checkpoint anywhere)
@@ -138,7 +149,7 @@ class MoE(nnx.Module):
   def __call__(self, x_bld: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     del positions
     with jax.named_scope("moe"):
-      params: dict[str, Any] = {"router": self.router[...], "w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
+      params: dict[str, Any] = {"router": self.router[...], **self.experts.params()}
       if self.bias is not None:
         params["bias"] = self.bias[...]
       if self.shared is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.train.plots import PLOTS, _pyplot
+from jaxlm.plots import PLOTS, pyplot
 
 KEY = "metrics/moe_expert_load"
 
@@ -23,7 +23,7 @@ def expert_load_heatmap(run_dir: Path, history: list[dict[str, Any]]) -> Path | 
   loads = [a[None] if a.ndim == 1 else a for a in loads]
   tail = np.mean(loads[-max(1, len(loads) // 4) :], axis=0)
   n_layers, n_experts = tail.shape
-  plt = _pyplot()
+  plt = pyplot()
   width = min(16.0, 2.5 + 1.2 * n_experts)
   fig, axes = plt.subplots(1, 2, figsize=(width, 2.0 + 0.45 * n_layers), dpi=120, squeeze=False, layout="constrained")
   vmax = max(2.0, float(np.max(tail * n_experts)), float(np.max(loads[0] * n_experts)))

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import MoEConfig
+from jaxlm.layers.linear import project
 from jaxlm.registry import Registry
 
 
@@ -113,7 +114,7 @@ def router_logits(x_bld: jax.Array, router_de: jax.Array, jitter_bld: jax.Array 
   x32 = x_bld.astype(jnp.float32)
   if jitter_bld is not None:
     x32 = x32 * jitter_bld.astype(jnp.float32)
-  return jnp.einsum("bld,de->ble", x32, router_de.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return project("bld,de->ble", x32, router_de, precision=jax.lax.Precision.HIGHEST)
 
 
 def jitter_noise(key: jax.Array, shape: tuple[int, ...], eps: float) -> jax.Array:

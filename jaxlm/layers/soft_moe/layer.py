@@ -31,9 +31,10 @@ from flax import nnx
 
 from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.layers.ffn import FFN
+from jaxlm.layers.experts import Experts, ExpertWeights
+from jaxlm.layers.ffn import FFN, FFNKind
 from jaxlm.layers.params import normal, param
-from jaxlm.layers.soft_moe.merge import MERGE, ExpertWeights, apply_merged, auto_chunk, merge_all, merged_swiglu_groups, shard_merged
+from jaxlm.layers.soft_moe.merge import MERGE, apply_merged, auto_chunk, merged_swiglu_groups, shard_merged
 from jaxlm.layers.soft_moe import warmup
 from jaxlm.layers.soft_moe.routing import FIRST_SEGMENT, GRANULARITY, chunk_layout, from_slots, group_means, packed_layout, router_probs, routing_metrics, to_slots
 from jaxlm.sharding import shard
@@ -91,7 +92,7 @@ def soft_moe(
   x_bgtd = shard(to_slots(x_bld, layout, t), "batch", None, None, "embed")
   probs_bge = router_probs(group_means(x_bgtd, layout.mask_bgt), params["router"])
   w_bge = _dense_weights(gran.weights(probs_bge, layout.continues_bg, m, dropout_key=dropout_key), dense)
-  experts = ExpertWeights(params["w_gate"], params["w_up"], params["w_down"])
+  experts = ExpertWeights.of(params)
   n_slots = x_bgtd.shape[1]
   chunk = m.merge_chunk or auto_chunk(n_slots)
   y_bgtd = apply_merged(x_bgtd, w_bge, experts, merge=MERGE.get(m.merge), chunk=chunk)
@@ -122,8 +123,7 @@ def route_rows(params: dict[str, jax.Array], mean_bd: jax.Array, cfg: ModelConfi
   if first_b is not None:
     probs_be = jnp.where(first_b[:, None], FIRST_SEGMENT.get(cfg.soft_moe.first_segment)(probs_be), probs_be)
   w_be = _dense_weights(probs_be, dense)
-  experts = ExpertWeights(params["w_gate"], params["w_up"], params["w_down"])
-  merged = merge_all(w_be, experts, MERGE.get(cfg.soft_moe.merge))
+  merged = ExpertWeights.of(params).merge(w_be, MERGE.get(cfg.soft_moe.merge), dense=True)
   dt = jnp.dtype(cfg.dtype)
   return shard_merged(ExpertWeights(*(w.astype(dt) for w in merged)))
 
@@ -198,19 +198,16 @@ def soft_moe_decode(
 
 
 @FFN.register("soft_moe")
-class SoftMergedMoE(nnx.Module):
+class SoftMergedMoE(FFNKind):
   """Soft-merged MoE FFN; `__call__(x_bld, segment_ids=None, positions=None) -> (y_bld, aux)`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     m = cfg.soft_moe
     d, f, e = cfg.d_model, cfg.d_ff, m.n_experts
     self.cfg = cfg
-    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 style scaling of residual outputs
-    self.router = param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype)
-    self.w_gate = param(rngs, normal(cfg.init_std), (e, d, f), (None, "embed", "mlp"), cfg.param_dtype)
-    self.w_up = param(rngs, normal(cfg.init_std), (e, d, f), (None, "embed", "mlp"), cfg.param_dtype)
-    self.w_down = param(rngs, normal(out_std), (e, f, d), (None, "mlp", "embed"), cfg.param_dtype)
-    # True until the dense warm-up ends (warmup.end_dense_warmup_fn clears it).
+    self.router = param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype, fan_in=(0,))
+    self.experts = Experts(cfg, e, f, expert_axis=None, rngs=rngs)
+    # True until the dense warm-up ends (warmup.scheduled_edits clears it).
     # (Shape [1], not []: a scalar's empty sharding metadata cannot take the scanned layer axis.)
     self.dense = SoftMoEState(jnp.ones((1,), bool), out_sharding=(None,), eager_sharding=False) if m.dense_warmup > 0 else None
     # Expert dropout: raw key data and a counter (plain integer arrays checkpoint anywhere).
@@ -257,7 +254,7 @@ class SoftMergedMoE(nnx.Module):
           f"it must give between 1 and train.steps - 1 (dense_warmup=0: no warm-up)"
       )
 
-  train_hooks = staticmethod(warmup.train_hooks)  # {step: fn(TrainState) -> TrainState}: end of the dense warm-up
+  scheduled_edits = staticmethod(warmup.scheduled_edits)  # end of the dense warm-up (applied by the trainer)
 
   @staticmethod
   def init_decode_state(cfg: ModelConfig, batch: int, max_len: int) -> DecodeState:
@@ -269,7 +266,7 @@ class SoftMergedMoE(nnx.Module):
   # -- calls ---------------------------------------------------------------------------------
 
   def params(self) -> dict[str, jax.Array]:
-    return {"router": self.router[...], "w_gate": self.w_gate[...], "w_up": self.w_up[...], "w_down": self.w_down[...]}
+    return {"router": self.router[...], **self.experts.params()}
 
   def _dense_flag(self) -> jax.Array | None:
     return None if self.dense is None else self.dense[...][0]

@@ -13,6 +13,10 @@ pre-activations (x W_gate, x W_up) recomputes the merge (E / T of the FFN's FLOP
 through a `lax.scan` in chunks of `chunk` groups, so the backward pass holds the merged
 weights and their gradient for one chunk at a time.
 
+Adapted experts (expert LoRA, `jaxlm.peft`) merge through `jaxlm.layers.linear.mix`: the
+merged base plus, for LoRA, sum_e w_e s A_e B_e kept factored as one rank-E R product gated by
+the routing weights (never materialised in training).
+
 Merge implementations (registered, one signature `merge(w_ge, experts_exy, *, mlp_axis)`):
   einsum  XLA einsum with float32 accumulation (fuses with its neighbours; the default).
   pallas  `pallas_kernels.merge.merge_experts` (Mosaic on TPU, Triton on CUDA, XLA elsewhere),
@@ -24,27 +28,20 @@ Merge implementations (registered, one signature `merge(w_ge, experts_exy, *, ml
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import sharding
+from jaxlm.layers import linear
+from jaxlm.layers.experts import ExpertWeights
 from jaxlm.registry import Registry
 from jaxlm.sharding import shard
 
 MERGE: Registry = Registry("soft_moe merge")
 SAVED = ("soft_moe_gate", "soft_moe_up")  # the only values saved for the backward pass (besides inputs)
-
-
-class ExpertWeights(NamedTuple):
-  """Stacked experts, the layout shared with the sparse MoE (DESIGN.md)."""
-
-  w_gate: jax.Array  # [E, D, F]
-  w_up: jax.Array  # [E, D, F]
-  w_down: jax.Array  # [E, F, D]
-
 
 MergeFn = Callable[..., jax.Array]
 
@@ -104,17 +101,14 @@ def pallas_merge(w_ge: jax.Array, experts_exy: jax.Array, *, mlp_axis: int) -> j
 MERGE.register("auto", einsum_merge)
 
 
-def merge_all(w_ge: jax.Array, experts: ExpertWeights, merge: MergeFn) -> ExpertWeights:
-  """Merged (gate [G, D, F], up [G, D, F], down [G, F, D]) in the experts' dtype."""
-  return ExpertWeights(merge(w_ge, experts.w_gate, mlp_axis=1), merge(w_ge, experts.w_up, mlp_axis=1), merge(w_ge, experts.w_down, mlp_axis=0))
-
-
 def shard_merged(merged: ExpertWeights) -> ExpertWeights:
-  """Merged weights of groups (or rows) [G, ...] sharded like the batch, D and F like the experts."""
+  """Merged weights of groups (or rows) [G, ...] sharded like the batch, D and F like the experts
+  (an adapted merged weight: its merged base; its adapters stay as they are)."""
+  on_base = lambda w, *axes: w.replace(base=shard(w.base, *axes)) if linear.is_adapted(w) else shard(w, *axes)
   return ExpertWeights(
-      shard(merged.w_gate, "batch", "embed", "mlp"),
-      shard(merged.w_up, "batch", "embed", "mlp"),
-      shard(merged.w_down, "batch", "mlp", "embed"),
+      on_base(merged.w_gate, "batch", "embed", "mlp"),
+      on_base(merged.w_up, "batch", "embed", "mlp"),
+      on_base(merged.w_down, "batch", "mlp", "embed"),
   )
 
 
@@ -124,16 +118,15 @@ def merged_swiglu_groups(x_gtd: jax.Array, merged: ExpertWeights, *, token_axis:
   `token_axis`: the logical sharding of the T axis of the hidden activation (None for the
   tokens of a group; "seq" when the groups are whole rows, as in generation).
   """
-  dt = x_gtd.dtype
-  gate = checkpoint_name(jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_gate.astype(dt)), SAVED[0])
-  up = checkpoint_name(jnp.einsum("gtd,gdf->gtf", x_gtd, merged.w_up.astype(dt)), SAVED[1])
+  gate = checkpoint_name(linear.project("gtd,gdf->gtf", x_gtd, merged.w_gate), SAVED[0])
+  up = checkpoint_name(linear.project("gtd,gdf->gtf", x_gtd, merged.w_up), SAVED[1])
   h = shard(jax.nn.silu(gate) * up, "batch", token_axis, "mlp")
-  return jnp.einsum("gtf,gfd->gtd", h, merged.w_down.astype(dt))
+  return linear.project("gtf,gfd->gtd", h, merged.w_down)
 
 
 def _chunk_body(merge: MergeFn):
   def body(x_gtd: jax.Array, w_ge: jax.Array, experts: ExpertWeights) -> jax.Array:
-    return merged_swiglu_groups(x_gtd, shard_merged(merge_all(w_ge, experts, merge)))
+    return merged_swiglu_groups(x_gtd, shard_merged(experts.merge(w_ge, merge)))
 
   # Saved: the inputs and the two pre-activations; recomputed: the merge and silu(gate) * up.
   return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*SAVED))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.train.plots import PLOTS, _pyplot
+from jaxlm.plots import PLOTS, pyplot
 
 PREFIX = "eval_metrics/soft_moe_routing/"
 
@@ -30,7 +30,7 @@ def routing_heatmap(run_dir: Path, history: list[dict[str, Any]]) -> Path | None
   n_src, n_layers, n_exp = data.shape
   cols = min(n_layers, 4)
   rows = math.ceil(n_layers / cols)
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(rows, cols, figsize=(1.2 + cols * (1.0 + 0.45 * n_exp), 0.9 + rows * (0.6 + 0.45 * n_src)), dpi=120, squeeze=False, layout="constrained")
   vmax = max(float(data.max()), 2.0 / n_exp)
   im = None

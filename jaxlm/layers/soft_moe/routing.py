@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import SoftMoEConfig
+from jaxlm.layers.linear import project
 from jaxlm.registry import Registry
 
 GRANULARITY: Registry = Registry("soft_moe granularity")
@@ -146,7 +147,7 @@ def group_means(x_bgtd: jax.Array, mask_bgt: jax.Array) -> jax.Array:
 
 def router_probs(mean_bgd: jax.Array, router_de: jax.Array) -> jax.Array:
   """softmax(mean @ router) in float32: [B, G, E]."""
-  logits = jnp.einsum("bgd,de->bge", mean_bgd.astype(jnp.float32), router_de.astype(jnp.float32))
+  logits = project("bgd,de->bge", mean_bgd.astype(jnp.float32), router_de)
   return jax.nn.softmax(logits, axis=-1)
 
 

@@ -1,0 +1,108 @@
+"""Which weights a PEFT method adapts: regexes over parameter paths, and `all-linear`.
+
+A parameter's path is its place in the model joined by "/", e.g. `blocks/0/attn/w_q`,
+`blocks/1/ffn/experts/w_gate` (routed experts), `units/blocks/0/ffn/w_down` (scanned layers),
+`blocks/0/ffn/router`, `lm_head`. A target pattern must match a whole path (`re.fullmatch`).
+
+  all-linear  every linear weight (a parameter with fan-in axes, `jaxlm.layers.linear`) except
+              the output head (as in HF PEFT) and the MoE routers
+Routers are adapted only by a pattern that names them (contains "router"): adapting a router
+changes which experts tokens reach, which is rarely what a fine-tune wants by accident. A pattern
+that matches nothing is an error that shows what paths look like.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterator
+
+from flax import nnx
+
+from jaxlm.errors import ConfigError
+from jaxlm.layers.linear import fan_in_of
+
+ALL_LINEAR = "all-linear"
+EXCLUDED_FROM_ALL_LINEAR = ("lm_head", "router")
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def get_node(root: Any, path: tuple[Any, ...]) -> Any:
+  node = root
+  for p in path:
+    node = node[p] if isinstance(p, int) else getattr(node, p)
+  return node
+
+
+def set_node(root: Any, path: tuple[Any, ...], value: Any) -> None:
+  parent = get_node(root, path[:-1])
+  if isinstance(path[-1], int):
+    parent[path[-1]] = value
+  else:
+    setattr(parent, path[-1], value)
+
+
+def linear_weights(model: nnx.Module) -> Iterator[tuple[str, tuple[Any, ...], nnx.Param]]:
+  """(path string, path, variable) of every linear weight not yet adapted."""
+  from jaxlm.peft.modules import Adapted
+
+  adapted = {tuple(p) for p, n in nnx.iter_graph(model) if isinstance(n, Adapted)}
+  for path, node in nnx.iter_graph(model):
+    path = tuple(path)
+    if isinstance(node, nnx.Param) and fan_in_of(node) is not None and path[:-1] not in adapted:
+      yield path_str(path), path, node
+
+
+def n_scan(path: tuple[Any, ...]) -> int:
+  """Leading axes the scan over layers added to parameters under this path."""
+  return 1 if path and path[0] == "units" else 0
+
+
+def select(model: nnx.Module, patterns: tuple[str, ...]) -> list[tuple[str, tuple[Any, ...], nnx.Param]]:
+  """The linear weights matched by `patterns` (in model order); ConfigError for a pattern that
+  matches nothing or is not a valid regex."""
+  weights = list(linear_weights(model))
+  chosen: dict[str, tuple[str, tuple[Any, ...], nnx.Param]] = {}
+  for pattern in patterns:
+    if pattern == ALL_LINEAR:
+      hits = [w for w in weights if w[0].split("/")[-1] not in EXCLUDED_FROM_ALL_LINEAR]
+    else:
+      rx = compile_pattern(pattern)
+      hits = [w for w in weights if rx.fullmatch(w[0]) and ("router" in pattern or w[0].split("/")[-1] != "router")]
+    if not hits:
+      examples = ", ".join(w[0] for w in weights[:6])
+      raise ConfigError(f"peft.targets: {pattern!r} matches no linear weight (paths look like: {examples}, ...)")
+    for w in hits:
+      chosen[w[0]] = w
+  order = {w[0]: i for i, w in enumerate(weights)}
+  return sorted(chosen.values(), key=lambda w: order[w[0]])
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"peft: {pattern!r} is not a valid regex ({e})") from None
+
+
+def first_match(patterns: dict[str, Any], path: str, default: Any) -> Any:
+  """patterns[p] for the first regex p fully matching `path`, else `default`."""
+  for p, v in patterns.items():
+    if re.fullmatch(p, path):
+      return v
+  return default
+
+
+def check_rank(path: str, variable: nnx.Param, rank: int) -> None:
+  """A rank must not exceed the adapted weight's fan-in or fan-out size."""
+  fan_in = fan_in_of(variable)
+  shape = tuple(variable.shape)
+  n_out = -fan_in[-1] - 1
+  n_in = len(fan_in)
+  size_in = math.prod(shape[len(shape) - n_out - n_in : len(shape) - n_out])
+  size_out = math.prod(shape[len(shape) - n_out :])
+  if rank > min(size_in, size_out):
+    raise ConfigError(f"peft: rank {rank} is larger than the adapted dimensions of {path} ({size_in} in, {size_out} out)")
