@@ -1,4 +1,4 @@
-"""`jaxlm train|eval|generate|inspect|convert`: parse, load the experiment, call into the library.
+"""`jaxlm train|eval|generate|inspect|convert|merge`: parse, load the experiment, call into the library.
 
 Bad input (an unknown key, a bad value, a mesh that does not fit, a missing file) is printed
 as one line `jaxlm: error: ...` with exit code 2, before anything is written.
@@ -66,7 +66,24 @@ def parser() -> argparse.ArgumentParser:
   u.add_argument("--run-dir", required=True, help="new run directory, written at step 0; continue with `jaxlm train EXPERIMENT --run-dir`")
   u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   u.add_argument("--step", type=int, default=None, help="dense checkpoint step (default: latest)")
+
+  m = sub.add_parser("merge", help="merge a run's adapters into its base, or several fine-tuned runs into one model")
+  m.add_argument("runs", nargs="+", help="run directories (adapter runs or full fine-tunes of one base model)")
+  m.add_argument("--out", required=True, help="new directory: a run at step 0 (or, with --method cat, a saved adapter)")
+  m.add_argument("--method", default="linear", help="linear (task arithmetic), ties, dare, dare_ties, or cat (LoRA adapters concatenated: exact)")
+  m.add_argument("--weights", type=_floats, default=None, help="comma-separated weight per run (default: 1 each; cat: 1/n each)")
+  m.add_argument("--density", type=float, default=0.2, help="ties / dare_ties: fraction of each task vector kept")
+  m.add_argument("--drop", type=float, default=0.9, help="dare: drop probability (kept entries rescaled by 1/(1-drop))")
+  m.add_argument("--base", default=None, help="the runs' common base run (default: their shared init_from)")
+  m.add_argument("--seed", type=int, default=0, help="dare: randomness of the drops")
   return p
+
+
+def _floats(text: str) -> list[float]:
+  try:
+    return [float(x) for x in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _train(args) -> int:
@@ -148,6 +165,15 @@ def _convert(args) -> int:
   return 0
 
 
+def _merge(args) -> int:
+  from jaxlm.peft.runs import merge_runs
+
+  info = merge_runs(args.runs, args.out, method=args.method, weights=args.weights, density=args.density, drop=args.drop, base=args.base, seed=args.seed)
+  what = "adapter" if info["method"] == "cat" else "run at step 0"
+  print(f"merged {len(info['sources'])} run(s) with {info['method']}" + (f" onto {info['base']}" if info["base"] else "") + f" -> {what} {info['out']}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   import absl.logging
@@ -155,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
   absl.logging.set_verbosity(absl.logging.ERROR)  # orbax and tfds are chatty at WARNING
   try:
     args = parser().parse_args(argv)
-    return {"train": _train, "eval": _eval, "generate": _generate, "inspect": _inspect, "convert": _convert}[args.command](args)
+    return {"train": _train, "eval": _eval, "generate": _generate, "inspect": _inspect, "convert": _convert, "merge": _merge}[args.command](args)
   except ConfigError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
     return 2

@@ -2,7 +2,8 @@
 
 Prompts of different lengths share one batch: they are right-padded, prefilled together, and
 then every row continues from its own length (the cache keeps a per-row write index), so no
-row ever attends to another row's padding. Decoding runs inside one jitted `lax.while_loop`.
+row ever attends to another row's padding. A model may keep `cache_offset` slots in front of
+every row (prompt tuning's virtual tokens, written by its first `decode`). Decoding runs inside one jitted `lax.while_loop`.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_a
   cache = model.init_cache(batch, prompt_len + cfg.max_new_tokens)
   prompt_ids = (jnp.arange(prompt_len)[None, :] < lengths_b[:, None]).astype(jnp.int32)  # 0 = padding
   logits, cache = model.decode(tokens_bp, cache, segment_ids=prompt_ids)
-  # Every row continues from its own length: point the write index there.
-  cache = _set_index(cache, lengths_b)
+  # Every row continues from its own length: point the write index there (after the slots a
+  # wrapper keeps in front of every row: prompt tuning's virtual tokens).
+  cache = _set_index(cache, model.cache_offset + lengths_b)
   vocab = logits.shape[-1]
   ids = jnp.arange(vocab)
   # Only the tokenizer's real tokens (embedding rows past its vocabulary are padding), and of

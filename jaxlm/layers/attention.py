@@ -5,7 +5,10 @@ w_o [H, K, D]. The score computation goes through `jax.nn.dot_product_attention`
 handles the grouping of H query heads onto G key/value heads.
 
 Masks. Training: query i sees key j iff j <= i and both lie in the same packed document
-(segment id). Decoding with a cache: cache slots are absolute positions 0..S-1 of each row;
+(segment id). Keys with a negative segment id are shared by every document of their row (still
+causally): prompt tuning's virtual tokens (`jaxlm.peft.wrappers.PromptTuning`) sit at the row's
+start with segment id -1 and positions -P..-1, so, RoPE being relative, every packed document
+sees the same prompt at the same distances as if it were alone behind it. Decoding with a cache: cache slots are absolute positions 0..S-1 of each row;
 the L new tokens of row b are written at slots index[b] .. index[b]+L-1 and see every slot
 <= their own. Rows may sit at different indices (prompts of different lengths).
 """
@@ -39,8 +42,8 @@ class KVCache(NamedTuple):
 
 
 def segment_causal_mask(segment_ids_bl: jax.Array) -> jax.Array:
-  """[B, 1, L, L] boolean: causal and within the same segment."""
-  same = segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]
+  """[B, 1, L, L] boolean: causal, and within the same segment or to a shared key (segment id < 0)."""
+  same = (segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]) | (segment_ids_bl[:, None, :] < 0)
   length = segment_ids_bl.shape[1]
   causal = jnp.tril(jnp.ones((length, length), bool))
   return (same & causal)[:, None]

@@ -5,6 +5,9 @@ Layer pattern. Layer i holds the FFN kind `cfg.layer_ffn(i)`: dense for the firs
 With `scan_layers`, the repeating unit of `ffn_every` blocks is stacked on a leading axis and
 scanned (the dense prefix stays unrolled): one compiled body however deep the model is.
 
+Inputs. `model(tokens)` looks the tokens up in the embedding table; `model(embeddings=x_bld)`
+takes the input embeddings themselves (prompt tuning prepends learned ones, `jaxlm.peft`).
+
 Aux. Each FFN may return `{"losses": {...}, "metrics": {...}}`; the model returns
 `aux = {"losses": {name: sum over layers}, "metrics": {name: [n_layers_of_kind, ...]}}`.
 """
@@ -99,6 +102,10 @@ class Unit(nnx.Module):
 class Transformer(nnx.Module):
   """Llama-style decoder. `model(tokens, segment_ids=, positions=) -> (logits [B,L,V] f32, aux)`."""
 
+  # Cache slots before a row's first token (a wrapper that puts virtual tokens there, e.g. prompt
+  # tuning, says how many): generation points row b's write index at cache_offset + its length.
+  cache_offset: int = 0
+
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
@@ -180,21 +187,44 @@ class Transformer(nnx.Module):
 
   # -- public ------------------------------------------------------------------------------
 
-  def __call__(self, tokens_bl: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
-    """Logits [B, L, V] in float32 and aux. Packed batches pass segment_ids (0 = padding)."""
+  def _inputs(self, tokens_bl: jax.Array | None, embeddings: jax.Array | None) -> jax.Array:
+    if (tokens_bl is None) == (embeddings is None):
+      raise ValueError("pass either tokens or embeddings")
+    if embeddings is None:
+      return self.embed(tokens_bl)
+    return shard(embeddings.astype(self.embed.dtype), "batch", "seq", "embed")
+
+  def __call__(
+      self,
+      tokens_bl: jax.Array | None = None,
+      *,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      embeddings: jax.Array | None = None,
+  ) -> tuple[jax.Array, Aux]:
+    """Logits [B, L, V] in float32 and aux, from tokens [B, L] or input `embeddings` [B, L, D].
+    Packed batches pass segment_ids (0 = padding; < 0: keys every document sees, see attention)."""
     with jax.named_scope("transformer"):
+      x_bld = self._inputs(tokens_bl, embeddings)
       if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens_bl.shape[1], dtype=jnp.int32), tokens_bl.shape)
-      x_bld = self.embed(tokens_bl)
+        positions = jnp.broadcast_to(jnp.arange(x_bld.shape[1], dtype=jnp.int32), x_bld.shape[:2])
       x_bld, aux, _ = self._layers(x_bld, positions, segment_ids, None)
       return self._head(x_bld), aux
+
+  def _ffns(self) -> list[Any]:
+    """Layer i's FFN module; with scanned layers, unit position j's (stacked) module stands for its layers."""
+    if not self.cfg.scan_layers:
+      return [b.ffn for b in self.blocks]
+    k0, period = self.cfg.first_k_dense, self.cfg.ffn_every
+    return [b.ffn for b in self.prefix] + [self.units.blocks[(i - k0) % period].ffn for i in range(k0, self.cfg.n_layers)]
 
   def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
     """An empty KV cache for `batch` rows of up to `max_len` tokens, shaped like the layers."""
     cfg = self.cfg
+    ffns = self._ffns()
 
     def one(i: int) -> BlockCache:
-      ffn_state = FFN.get(cfg.layer_ffn(i)).init_decode_state
+      ffn_state = ffns[i].init_decode_state  # the module's own (a PEFT wrapper forwards its kind's)
       kv = KVCache.zeros(batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
       return BlockCache(kv, None if ffn_state is None else ffn_state(cfg, batch, max_len))
 
@@ -204,20 +234,31 @@ class Transformer(nnx.Module):
     stack = lambda c: jax.tree.map(lambda a: jnp.broadcast_to(a, (n_units,) + a.shape), c)
     return {"prefix": [one(i) for i in range(k0)], "units": tuple(stack(one(k0 + j)) for j in range(cfg.ffn_every))}
 
-  def decode(self, tokens_bl: jax.Array, cache: dict[str, Any], *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
-    """Append `tokens_bl` to the cache (row b at its own index) and return their logits.
+  def decode(
+      self,
+      tokens_bl: jax.Array | None,
+      cache: dict[str, Any],
+      *,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      embeddings: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict[str, Any]]:
+    """Append `tokens_bl` (or input `embeddings` [B, L, D]) to the cache (row b at its own
+    index) and return their logits.
 
     `segment_ids` (0 = padding) marks the right padding of a batch of prompts in the prefill,
     for FFN kinds whose decoding state reads the prompt (soft-MoE prompt routing).
+    `positions` default to the cache slots the tokens are written to.
     """
-    index = _cache_index(cache)
-    positions = index[:, None] + jnp.arange(tokens_bl.shape[1], dtype=jnp.int32)[None, :]
-    x_bld = self.embed(tokens_bl)
+    x_bld = self._inputs(tokens_bl, embeddings)
+    if positions is None:
+      positions = cache_index(cache)[:, None] + jnp.arange(x_bld.shape[1], dtype=jnp.int32)[None, :]
     x_bld, _, cache = self._layers(x_bld, positions, segment_ids, cache)
     return self._head(x_bld), cache
 
 
-def _cache_index(cache: dict[str, Any]) -> jax.Array:
+def cache_index(cache: dict[str, Any]) -> jax.Array:
+  """The next write slot [B] of every row of a cache made by `init_cache`."""
   if "blocks" in cache:
     return cache["blocks"][0].attn.index
   if cache["prefix"]:

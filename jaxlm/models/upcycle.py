@@ -15,7 +15,6 @@ the upcycled model is the dense model. `function_preserved` says whether a confi
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,34 +96,15 @@ def upcycle(dense: Transformer, moe_cfg: ModelConfig, *, seed: int = 0, mesh: ja
 
 def upcycle_run(dense_run: Path, exp: Experiment, out_dir: Path, *, step: int | None = None) -> dict[str, Any]:
   """Write `out_dir` as a run of `exp` at step 0 whose model is the upcycled dense checkpoint."""
-  from jaxlm.train import loop
-  from jaxlm.train.checkpoint import Checkpointer
-  from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_for_inference, save_config, tokenizer_for
-  from jaxlm.train.step import split_model
+  from jaxlm.train.run import check_empty_run_dir, load_for_inference, write_initial_run
 
   dense_run, out_dir = Path(dense_run), Path(out_dir)
-  if (out_dir / CONFIG_FILE).exists() or (out_dir / CHECKPOINTS).exists():
-    raise ConfigError(f"{out_dir} already holds a run; choose an empty --run-dir")
-  dense_exp, dense_model, _, dense_step = load_for_inference(dense_run, step=step, mesh_cfg=exp.mesh)
-  if dense_exp.peft.method != "none":  # a fine-tuned dense run: its adapters merged first
-    from jaxlm import peft
-
-    peft.merge(dense_model)
+  check_empty_run_dir(out_dir)
+  dense_exp, dense_model, _, dense_step = load_for_inference(dense_run, step=step, mesh_cfg=exp.mesh, merged=True)
   check_compatible(dense_exp.model, exp.model)
-  loop.validate(exp, None)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  if (dense_run / TOKENIZER_FILE).is_file() and not exp.data.sp_model:
-    shutil.copy(dense_run / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)  # same tokens as the dense run
-  save_config(out_dir, exp)
-  setup = loop.prepare(exp)
-  model = nnx.merge(setup.graphdef, setup.state.params, setup.state.frozen, setup.state.rest)
-  update_from_pure_dict(model, upcycle_state(nnx.to_pure_dict(nnx.state(dense_model)), dense_exp.model, nnx.to_pure_dict(nnx.state(model)), exp.model))
-  _, params, _, rest = split_model(model)
-  train_iter = iter(loop.datasets(exp, tokenizer_for(exp, out_dir), "train"))
-  ckpt = Checkpointer(out_dir / CHECKPOINTS, exp.checkpoint)
-  from jaxlm.config import to_dict
 
-  ckpt.save(0, params=params, rest=rest, opt_state=setup.state.opt_state, data_iterator=train_iter, config=to_dict(exp))
-  ckpt.wait()
-  ckpt.close()
+  def fill(model: nnx.Module) -> None:
+    update_from_pure_dict(model, upcycle_state(nnx.to_pure_dict(nnx.state(dense_model)), dense_exp.model, nnx.to_pure_dict(nnx.state(model)), exp.model))
+
+  write_initial_run(out_dir, exp, fill, tokenizer_from=dense_run)
   return {"dense_run": str(dense_run), "dense_step": dense_step, "run_dir": str(out_dir), "function_preserved": function_preserved(exp.model)}

@@ -36,6 +36,7 @@ from jaxlm.peft.lifecycle import (
     unmerge_adapters,
 )
 from jaxlm.peft.methods import METHODS
+from jaxlm.peft import esft, library, wrappers  # noqa: F401  (register their methods)
 from jaxlm.peft.modules import Adapted, AdapterParam, AdapterState
 from jaxlm.peft import targets as _targets
 
@@ -44,6 +45,7 @@ def apply(model: nnx.Module, cfg: PeftConfig, *, seed: int = 0, **inputs: Any) -
   """Attach `cfg`'s adapters to `model` (in place; returns it). Works on abstract models
   (`jax.eval_shape`) and on sharded ones (adapters take their weight's sharding)."""
   return METHODS.get(cfg.method).apply(model, cfg, jax.random.fold_in(jax.random.key(seed), 0x5EF7), **inputs)
+
 
 
 def trainable(cfg: PeftConfig):

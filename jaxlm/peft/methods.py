@@ -1,6 +1,7 @@
 """The PEFT methods: one registered entry per `peft.method`, each a transform plus a trainability rule.
 
-    method.apply(model, cfg, key) -> model     adapt the model (in place; returns it)
+    method.apply(model, cfg, key, **inputs) -> model   adapt the model (in place; returns it);
+                                               `inputs`: what the method measured beforehand
     method.trainable(path, variable) -> bool   which variables the optimizer updates
 
 `jaxlm.peft.apply` looks the method up in `METHODS`; `jaxlm.peft.trainable` builds the filter
@@ -35,7 +36,7 @@ DEFAULT_TARGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  apply: Callable[[nnx.Module, PeftConfig, jax.Array], nnx.Module]
+  apply: Callable[..., nnx.Module]  # (model, cfg, key, **inputs) -> model
   trainable: Callable[[tuple[Any, ...], nnx.Variable], bool]
 
 
@@ -67,8 +68,8 @@ def is_vector(path: tuple[Any, ...], v: nnx.Variable) -> bool:
 # -- LoRA, DoRA, MoLoRA -----------------------------------------------------------------------
 
 
-def _lora(dora: bool) -> Callable[[nnx.Module, PeftConfig, jax.Array], nnx.Module]:
-  def apply(model: nnx.Module, cfg: PeftConfig, key: jax.Array) -> nnx.Module:
+def _lora(dora: bool) -> Callable[..., nnx.Module]:
+  def apply(model: nnx.Module, cfg: PeftConfig, key: jax.Array, **_: Any) -> nnx.Module:
     chosen = tg.select(model, targets_of(cfg))
     for (name, path, var), k in zip(chosen, _keys(key, len(chosen))):
       rank = tg.first_match(cfg.rank_pattern, name, cfg.rank)
@@ -102,7 +103,7 @@ METHODS.register("dora", Method(_lora(dora=True), is_adapter))
 # -- (IA)^3, MoV ------------------------------------------------------------------------------
 
 
-def _ia3(model: nnx.Module, cfg: PeftConfig, key: jax.Array) -> nnx.Module:
+def _ia3(model: nnx.Module, cfg: PeftConfig, key: jax.Array, **_: Any) -> nnx.Module:
   chosen = tg.select(model, targets_of(cfg))
   for (name, path, var), k in zip(chosen, _keys(key, len(chosen))):
     side = "in" if re.search(r"(^|/)w_down$", name) else "out"  # the FFN's hidden units are w_down's input
@@ -116,6 +117,6 @@ METHODS.register("ia3", Method(_ia3, is_adapter))
 
 # -- no adapters: full fine-tuning, BitFit ----------------------------------------------------
 
-METHODS.register("none", Method(lambda model, cfg, key: model, lambda path, v: isinstance(v, nnx.Param)))
+METHODS.register("none", Method(lambda model, cfg, key, **_: model, lambda path, v: isinstance(v, nnx.Param)))
 # BitFit (Ben Zaken et al. 2022): train only the bias terms (and, as in its LLM uses, the norm scales).
-METHODS.register("bitfit", Method(lambda model, cfg, key: model, is_vector))
+METHODS.register("bitfit", Method(lambda model, cfg, key, **_: model, is_vector))

@@ -83,10 +83,15 @@ class Router:
     softmax    MoLoRA / MoV (Zadouri et al. 2023, arXiv 2309.05444): softmax(x W_r), W_r [in, N]
                trained; top_k > 0 keeps the k largest, renormalised.
     arrow      Arrow (Ostapenko et al. 2024, arXiv 2405.11157): logits |<x, p_n>| with p_n the
-               top right singular vector of adapter n's B A (unit norm, training-free); softmax
+               top right singular vector of adapter n's B A (unit norm, training-free); x is not
+               normalised and the temperature is 1 (the authors' mttl code and HF PEFT); softmax
                over the top-k.
-    phatgoose  PHATGOOSE (Muqeeth et al. 2024, arXiv 2402.05859): logits <x / std(x) ... > with
-               each adapter's trained gate vector v_n, standardised; softmax over the top-k.
+    phatgoose  PHATGOOSE (Muqeeth et al. 2024, arXiv 2402.05859): logits <LN(x), LN(v_n)> / sqrt(d)
+               with v_n adapter n's trained gate vector, LN a layer norm without affine parameters
+               over the d input features ((z - mean) / sqrt(var + 1e-5), as the authors' code's
+               torch LayerNorm); softmax over the top-k (the authors renormalise the top-2 of a
+               full softmax: the same weights).
+    sigmoid    PHATGOOSE's gate training: one adapter (N = 1) scaled by sigmoid(<x, v>), v trained.
   """
 
   weight: jax.Array  # [*fan_in, N] (softmax) or [N, *fan_in] prototypes / gate vectors
@@ -101,14 +106,20 @@ class Router:
       logits = xf @ w.reshape(-1, w.shape[-1])
     elif self.kind == "arrow":
       logits = jnp.abs(xf @ w.reshape(w.shape[0], -1).T)
+    elif self.kind == "sigmoid":  # weight [1, *fan_in]: a gate, not a choice
+      return jax.nn.sigmoid(xf @ w.reshape(w.shape[0], -1).T)
     elif self.kind == "phatgoose":
-      v = w.reshape(w.shape[0], -1)
-      v = (v - v.mean(-1, keepdims=True)) / (v.std(-1, keepdims=True) + 1e-6)
-      xs = (xf - xf.mean(-1, keepdims=True)) / (xf.std(-1, keepdims=True) + 1e-6)
-      logits = xs @ v.T / jnp.sqrt(xf.shape[-1])
+      v = self.layer_norm(w.reshape(w.shape[0], -1))
+      logits = self.layer_norm(xf) @ v.T / jnp.sqrt(xf.shape[-1])
     else:
       raise ConfigError(f"unknown adapter router {self.kind!r}")
     return top_k_softmax(logits, self.top_k)
+
+  @staticmethod
+  def layer_norm(z: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """Standardise the last axis (zero mean, unit variance), no affine parameters."""
+    z = z - z.mean(-1, keepdims=True)
+    return z * jax.lax.rsqrt(jnp.mean(z * z, -1, keepdims=True) + eps)
 
 
 def top_k_softmax(logits: jax.Array, k: int) -> jax.Array:

@@ -55,5 +55,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return layers + head
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  return 3 * forward_flops_per_token(cfg, seq_len)
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, frozen_base: bool = False) -> float:
+  """Forward + backward: 3x the forward, or 2x when the weights are frozen (PEFT: the backward
+  pass forms the activations' gradients, never the frozen weights'; adapters are neglected)."""
+  return (2 if frozen_base else 3) * forward_flops_per_token(cfg, seq_len)

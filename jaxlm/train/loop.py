@@ -209,12 +209,16 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   writer = MetricsWriter(run_dir, total_steps=tcfg.steps, start_step=start)
   n_dev = jax.device_count()
   tokens_per_step = exp.data.batch_size * exp.data.seq_len
-  flops_per_token = flops.train_flops_per_token(exp.model, exp.data.seq_len)
+  n_trainable, n_frozen = (sum(x.size for x in jax.tree.leaves(t)) for t in (state.params, state.frozen))
+  flops_per_token = flops.train_flops_per_token(exp.model, exp.data.seq_len, frozen_base=n_frozen > 0)
   peak = flops.peak_flops(jax.devices()[0].device_kind)
+  origin = f"from {init['path']} step {init['step']}" if init else "from scratch"
   writer.print(
       f"{exp.name}: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(setup.mesh.shape)}, "
-      f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {tcfg.steps} steps of {tokens_per_step:,} tokens"
+      f"{'resuming at step ' + str(start) if start else origin} -> {tcfg.steps} steps of {tokens_per_step:,} tokens"
   )
+  if exp.peft.method != "none":
+    writer.print(f"peft {exp.peft.method}: {n_trainable:,} trainable parameters of {n_trainable + n_frozen:,} ({n_trainable / (n_trainable + n_frozen):.2%})")
 
   def save(step_no: int) -> None:
     if ckpt is not None:

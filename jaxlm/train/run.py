@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxlm import sharding
+from jaxlm import peft, sharding
 from jaxlm.config import Experiment, MeshConfig, from_dict, to_dict
 from jaxlm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 from jaxlm.errors import ConfigError
@@ -158,27 +158,23 @@ def copy_weights(src: nnx.Module, dst: nnx.Module) -> None:
 def initial_model(exp: Experiment, mesh: Any, rules: Any, *, abstract: bool = False, init: dict[str, Any] | None = None, peft_inputs: dict[str, Any] | None = None) -> nnx.Module:
   """The model a run of `exp` starts from: initialised on `mesh` (or abstract), the `init`
   checkpoint's weights copied in (`resolve_init`), then the PEFT method's adapters attached."""
-  from jaxlm import peft
   from jaxlm.models import abstract_model, build
 
   with sharding.use_rules(rules):
     model = abstract_model(exp.model, seed=exp.train.seed) if abstract else build(exp.model, mesh, seed=exp.train.seed, rules=rules)
     if init is not None and not abstract:
-      src_exp, src, _, _ = load_for_inference(Path(init["path"]), step=init["step"], mesh=mesh)
-      if src_exp.peft.method != "none":
-        peft.merge(src)
+      _, src, _, _ = load_for_inference(Path(init["path"]), step=init["step"], mesh=mesh, merged=True)
       copy_weights(src, model)
       del src
     return peft.apply(model, exp.peft, seed=exp.train.seed, **(peft_inputs or {}))
 
 
-def load_for_inference(run_dir: Path, *, step: int | None = None, mesh_cfg: MeshConfig = MeshConfig(), mesh: Any = None) -> tuple[Experiment, nnx.Module, Tokenizer, int]:
+def load_for_inference(run_dir: Path, *, step: int | None = None, mesh_cfg: MeshConfig = MeshConfig(), mesh: Any = None, merged: bool = False) -> tuple[Experiment, nnx.Module, Tokenizer, int]:
   """(experiment, model with the checkpoint's parameters, tokenizer, step) of a trained run.
 
   A PEFT run's checkpoint holds its adapters only: the model is rebuilt from the run's base
-  (`init_from.json`) and the adapters restored on top (not merged).
+  (`init_from.json`) and the adapters restored on top (merged into the base with `merged`).
   """
-  from jaxlm import peft
   from jaxlm.train.checkpoint import Checkpointer
   from jaxlm.train.step import split_model
 
@@ -199,4 +195,39 @@ def load_for_inference(run_dir: Path, *, step: int | None = None, mesh_cfg: Mesh
     restored = ckpt.restore(step, params=params, rest=rest, opt_state=None, data_iterator=None)
   ckpt.close()
   model = nnx.merge(graphdef, restored["params"], frozen, restored.get("rest", rest))
+  if merged and exp.peft.method != "none":
+    peft.merge(model)
   return exp, model, tokenizer_for(exp, run_dir, train_if_missing=False), step
+
+
+def check_empty_run_dir(out_dir: Path) -> None:
+  if (Path(out_dir) / CONFIG_FILE).exists() or (Path(out_dir) / CHECKPOINTS).exists():
+    raise ConfigError(f"{out_dir} already holds a run; choose an empty directory")
+
+
+def write_initial_run(out_dir: Path, exp: Experiment, fill: Any, *, tokenizer_from: Path | None = None) -> None:
+  """Write `out_dir` as a run of `exp` at step 0 (config, checkpoint with fresh optimizer and data
+  state) whose parameters `fill(model)` sets in place; `jaxlm train EXP --run-dir OUT` continues it,
+  `jaxlm generate / eval OUT` use it. The tokenizer model of `tokenizer_from` is copied."""
+  import shutil
+
+  from jaxlm.train import loop
+  from jaxlm.train.checkpoint import Checkpointer
+  from jaxlm.train.step import split_model
+
+  out_dir = Path(out_dir)
+  check_empty_run_dir(out_dir)
+  loop.validate(exp, None)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if tokenizer_from is not None and (Path(tokenizer_from) / TOKENIZER_FILE).is_file() and not exp.data.sp_model:
+    shutil.copy(Path(tokenizer_from) / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)  # the same tokens
+  save_config(out_dir, exp)
+  setup = loop.prepare(exp)
+  model = nnx.merge(setup.graphdef, setup.state.params, setup.state.frozen, setup.state.rest)
+  fill(model)
+  _, params, _, rest = split_model(model, peft.trainable(exp.peft))
+  train_iter = iter(loop.datasets(exp, tokenizer_for(exp, out_dir), "train"))
+  ckpt = Checkpointer(out_dir / CHECKPOINTS, exp.checkpoint)
+  ckpt.save(0, params=params, rest=rest, opt_state=setup.state.opt_state, data_iterator=train_iter, config=to_dict(exp))
+  ckpt.wait()
+  ckpt.close()

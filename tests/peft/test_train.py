@@ -95,7 +95,8 @@ def base_run(tmp_path_factory):
   return exp, run_dir
 
 
-def test_adapter_run_starts_from_init_from_and_checkpoints_adapters_only(base_run, tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(base_run, tmp_path_factory):
   base_exp, base_dir = base_run
   exp = dataclasses.replace(
       base_exp,
@@ -104,8 +105,13 @@ def test_adapter_run_starts_from_init_from_and_checkpoints_adapters_only(base_ru
       peft=PeftConfig(method="lora", rank=4),
       train=dataclasses.replace(base_exp.train, steps=2, eval_every=2, checkpoint_every=2),
   )
-  run_dir = tmp_path / "lora"
-  summary = train(exp, run_dir)
+  run_dir = tmp_path_factory.mktemp("lora") / "run"
+  return exp, run_dir, train(exp, run_dir)
+
+
+def test_adapter_run_starts_from_init_from_and_checkpoints_adapters_only(base_run, lora_run):
+  base_exp, base_dir = base_run
+  exp, run_dir, summary = lora_run
   evals = [r for r in map(json.loads, (base_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
   assert summary["initial_eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)  # zero-init LoRA == the base
   assert summary["final_eval_loss"] < summary["initial_eval_loss"]
@@ -131,3 +137,24 @@ def test_missing_init_from_names_the_command_that_makes_it(tmp_path):
   with pytest.raises(ConfigError, match="no jaxlm run there; make it with `jaxlm train quickstart`"):
     train(exp, tmp_path / "x")
   assert not (tmp_path / "x").exists()
+
+
+def test_jaxlm_merge_writes_the_merged_model_as_a_run(base_run, lora_run, tmp_path, capsys):
+  """`jaxlm merge ADAPTER_RUN --out` = the adapted model as a plain run; several runs: TIES."""
+  from jaxlm.cli import main
+
+  _, base_dir = base_run
+  _, run_dir, _ = lora_run
+  out = tmp_path / "merged"
+  assert main(["merge", str(run_dir), "--out", str(out)]) == 0
+  exp, model, _, step = load_for_inference(out)
+  _, adapted, _, _ = load_for_inference(run_dir)
+  assert step == 0 and exp.peft.method == "none" and not peft.adapted_modules(model)
+  tokens = jnp.asarray(batch(0)["inputs"][:2, :16])
+  np.testing.assert_allclose(model(tokens)[0], adapted(tokens)[0], rtol=1e-5, atol=1e-5)
+  # TIES over the adapter run and the base itself (a zero task vector) onto their shared base.
+  assert main(["merge", str(run_dir), str(run_dir), "--method", "ties", "--density", "1.0", "--out", str(tmp_path / "ties")]) == 0
+  _, ties_model, _, _ = load_for_inference(tmp_path / "ties")
+  np.testing.assert_allclose(ties_model(tokens)[0], adapted(tokens)[0], rtol=1e-5, atol=1e-5)  # disjoint mean of two equal task vectors = the vector
+  assert main(["merge", str(run_dir), "--out", str(out)]) == 2  # never overwrites
+  assert "already holds a run" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def moe(
   m = cfg.moe
   dt = jnp.dtype(cfg.dtype)
   x_bld = x_bld.astype(dt)
-  mask_bl = jnp.ones(x_bld.shape[:2], bool) if segment_ids is None else segment_ids > 0
+  mask_bl = jnp.ones(x_bld.shape[:2], bool) if segment_ids is None else segment_ids != 0  # 0 = padding (< 0: shared prompt tokens)
   jitter = None
   if jitter_key is not None and m.jitter > 0:
     jitter = shard(jitter_noise(jitter_key, x_bld.shape, m.jitter), "batch", "seq", "embed")

@@ -9,6 +9,9 @@ totals. So a sharded layer reports exactly what one device would on the whole ba
                  before capacity drops), P_e the mean router probability of expert e. 1 at
                  perfect balance; its gradient flows through P_e only.
   router z-loss  ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
+  gate score     ESFT (Wang et al. 2024, eq. 6): mean over tokens of each expert's gate value,
+                 its router probability where the token's routing chose it and 0 elsewhere
+                 (`moe_gate_score`; `moe_expert_load` is the selection ratio, eq. 7).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ def router_stats(logits_te: jax.Array, routing: Routing, mask_t: jax.Array, n_dr
   probs_te = jax.nn.softmax(logits_te, axis=-1)
   entropy_t = -jnp.sum(probs_te * jax.nn.log_softmax(logits_te, axis=-1), axis=-1)
   counts_e = jax.ops.segment_sum(jnp.ones_like(routing.expert_n, jnp.float32), routing.expert_n, num_segments=e)
+  # Each assignment's router probability (dropped assignments, expert E, fall out of the sum).
+  gate_n = jax.lax.stop_gradient(routing.probs_te)[routing.token_n, jnp.minimum(routing.expert_n, e - 1)]
   return {
       "tokens": jnp.sum(m),
       "assignments": jnp.sum(counts_e),
       "counts_e": jax.lax.stop_gradient(counts_e),
       "prob_sum_e": jnp.sum(routing.probs_te * m[:, None], axis=0),
+      "gate_sum_e": jax.ops.segment_sum(gate_n, routing.expert_n, num_segments=e),
       "z_sum": jnp.sum(lse_t * lse_t * m),
       "entropy_sum": jax.lax.stop_gradient(jnp.sum(entropy_t * m)),
       "dropped": jax.lax.stop_gradient(n_dropped.astype(jnp.float32)),
@@ -76,6 +82,7 @@ def aux_from_stats(stats: Stats, cfg: MoEConfig) -> dict[str, dict[str, jax.Arra
       },
       "metrics": {
           "moe_expert_load": expert_load(stats),
+          "moe_gate_score": stats["gate_sum_e"] / jnp.maximum(n, 1.0),
           "moe_dropped_fraction": stats["dropped"] / jnp.maximum(stats["assignments"], 1.0),
           "moe_router_entropy": stats["entropy_sum"] / jnp.maximum(n, 1.0),
       },

@@ -84,7 +84,7 @@ def soft_moe(
     if segment_ids is None:
       segment_ids = jnp.ones((b, length), jnp.int32)
     else:
-      valid_bl = segment_ids > 0
+      valid_bl = segment_ids != 0  # 0 = padding (< 0: a tuned prompt, its own routing group)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     n_slots = min(length, -(-length // t) + m.extra_segments)
@@ -159,6 +159,7 @@ def soft_moe_decode(
   """
   m = cfg.soft_moe
   x_bld = x_bld.astype(jnp.dtype(cfg.dtype))
+  # The document's tokens: not padding (0), nor a tuned prompt (< 0), which is its own routing group.
   valid_bl = jnp.ones(x_bld.shape[:2], bool) if segment_ids is None else segment_ids > 0
 
   def prefill(state: DecodeState) -> tuple[jax.Array, DecodeState]:

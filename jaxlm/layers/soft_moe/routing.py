@@ -68,7 +68,8 @@ def chunk_layout(batch: int, length: int, group_len: int) -> Layout:
 
 
 def packed_layout(segment_ids_bl: jax.Array, positions_bl: jax.Array, group_len: int, n_groups: int) -> Layout:
-  """Packed rows (segment id 0 = padding): document-aligned groups gathered into n_groups slots."""
+  """Packed rows (segment id 0 = padding; < 0: a tuned prompt shared by the row's documents, routed
+  as its own document): document-aligned groups gathered into n_groups slots."""
   b, length = segment_ids_bl.shape
   t_l = jnp.arange(length, dtype=jnp.int32)
   prev_bl = jnp.concatenate([jnp.full((b, 1), -1, segment_ids_bl.dtype), segment_ids_bl[:, :-1]], axis=1)
@@ -86,9 +87,9 @@ def packed_layout(segment_ids_bl: jax.Array, positions_bl: jax.Array, group_len:
   doc_bg = jnp.take_along_axis(segment_ids_bl, jnp.minimum(first_bg, length - 1), axis=1)
   doc_bg = jnp.where(size_bg > 0, doc_bg, 0)
   seg_bgt = jnp.take_along_axis(segment_ids_bl, src_bgt.reshape(b, -1), axis=1).reshape(src_bgt.shape)
-  mask_bgt = used_bgt & (seg_bgt > 0)
+  mask_bgt = used_bgt & (seg_bgt != 0)
   prev_doc_bg = jnp.concatenate([jnp.zeros((b, 1), doc_bg.dtype), doc_bg[:, :-1]], axis=1)
-  continues_bg = (doc_bg > 0) & (doc_bg == prev_doc_bg)
+  continues_bg = (doc_bg != 0) & (doc_bg == prev_doc_bg)
   dst_bl = jnp.where(keep_bl, gid_bl * group_len + off_bl, 0)
   return Layout(mask_bgt, continues_bg, src_bgt, used_bgt, dst_bl, keep_bl)
 
