@@ -19,10 +19,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlm import sharding
+from jaxlm import peft, sharding
 from jaxlm.config import Experiment
-from jaxlm.models import abstract_model, param_counts
+from jaxlm.models import param_counts
 from jaxlm.train import flops
+from jaxlm.train.run import initial_model
+from jaxlm.train.step import is_parameter
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -49,14 +51,21 @@ def report(exp: Experiment, n_devices: int | None = None) -> dict[str, Any]:
   mesh_shape = exp.mesh.shape(n)
   rules = sharding.make_rules(exp.mesh.rules)
   cfg = exp.model
-  state = nnx.state(abstract_model(cfg), nnx.Param)
-  rows, param_bytes = [], 0.0
-  for keys, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+  model = initial_model(exp, None, rules, abstract=True)  # with the PEFT method's adapters
+  is_trainable = peft.trainable(exp.peft)
+  rows, param_bytes, moment_bytes, grad_bytes, n_trainable = [], 0.0, 0.0, 0.0, 0
+  for keys, var in nnx.to_flat_state(nnx.state(model, is_parameter)):
     spec = sharding.spec(sharding.logical_axes_of(var), var.shape, mesh_shape, rules)
     split = math.prod(mesh_shape[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry))
     per_dev = var.size * np.dtype(var.dtype).itemsize / split
     param_bytes += per_dev
-    rows.append({"name": _path(keys), "shape": tuple(var.shape), "axes": sharding.logical_axes_of(var), "spec": str(spec), "bytes_per_device": per_dev})
+    trainable = is_trainable(keys, var)
+    if trainable:
+      moment_bytes += 2 * per_dev * 4 / np.dtype(var.dtype).itemsize  # AdamW: two float32 moments
+      grad_bytes += per_dev
+      n_trainable += var.size
+    name = ".".join(str(k) for k in keys)
+    rows.append({"name": name, "shape": tuple(var.shape), "axes": sharding.logical_axes_of(var), "spec": str(spec), "bytes_per_device": per_dev, "trainable": trainable})
   counts = param_counts(cfg)
   seq, batch = exp.data.seq_len, exp.data.batch_size // exp.train.grad_accum
   batch_shards = math.prod(mesh_shape[a] for a in rules["batch"])
@@ -68,18 +77,19 @@ def report(exp: Experiment, n_devices: int | None = None) -> dict[str, Any]:
       "full": 2 * seq * batch * cfg.d_model,
   }[cfg.remat]
   acts = (per_layer * cfg.n_layers + seq * batch * cfg.vocab_size * 4 * 2) / (batch_shards * tensor)
-  fpt = flops.train_flops_per_token(cfg, seq)
+  fpt = flops.train_flops_per_token(cfg, seq, frozen_base=exp.peft.method != "none")
   return {
       "devices": n,
       "mesh": mesh_shape,
       "params_total": counts["total"],
       "params_active": counts["active"],
       "params_embedding": counts["embedding"],
+      "params_trainable": n_trainable,
       "train_flops_per_token": fpt,
       "memory_per_device": {
           "params": param_bytes,
-          "optimizer": 2 * param_bytes * 4 / np.dtype(cfg.param_dtype).itemsize,  # AdamW: two f32 moments
-          "gradients": param_bytes,
+          "optimizer": moment_bytes,
+          "gradients": grad_bytes,
           "activations (estimate)": acts,
       },
       "parameters": rows,
@@ -90,8 +100,9 @@ def format_report(exp: Experiment, r: dict[str, Any]) -> str:
   lines = [
       f"experiment  {exp.name}" + (f": {exp.description}" if exp.description else ""),
       f"mesh        {r['devices']} devices  " + "  ".join(f"{a}={s}" for a, s in r["mesh"].items()),
-      f"parameters  {_human(r['params_total'])} total, {_human(r['params_active'])} active per token, {_human(r['params_embedding'])} in the embedding",
-      f"FLOPs       {_human(r['train_flops_per_token'], 'FLOP')} per token (train: 3 x forward, attention included); "
+      f"parameters  {_human(r['params_total'])} total, {_human(r['params_active'])} active per token, {_human(r['params_embedding'])} in the embedding"
+      + (f"; {_human(r['params_trainable'])} trained ({exp.peft.method})" if exp.peft.method != "none" else ""),
+      f"FLOPs       {_human(r['train_flops_per_token'], 'FLOP')} per token (train: {'2' if exp.peft.method != 'none' else '3'} x forward, attention included); "
       f"{_human(r['train_flops_per_token'] * exp.data.seq_len * exp.data.batch_size, 'FLOP')} per step",
       "memory per device:",
   ]

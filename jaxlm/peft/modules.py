@@ -148,7 +148,7 @@ class LoRA(Adapted):
     like = base.get_value()
     (stack, fan_in, fan_out), (s_ax, i_ax, o_ax) = self.dims(), self.axes()
     nb, nb_ax = ((bank,), (None,)) if bank else ((), ())
-    dtype = jnp.dtype(base.dtype)
+    dtype = jnp.float32  # adapters are trained: float32 master weights, whatever the frozen base's dtype
     k_a, k_r, k_d = jax.random.split(key, 3)
     bound = 1.0 / math.sqrt(math.prod(fan_in))  # kaiming-uniform(a=sqrt(5)), the usual LoRA init of A
     a_shape = stack + nb + fan_in + (rank,)

@@ -115,6 +115,13 @@ def state_hooks(setup: Setup, state: TrainState) -> dict[int, Any]:
   }
 
 
+def step_memory(compiled: Any) -> dict[str, float]:
+  """Bytes per device of a compiled step (XLA's memory analysis; see `aot.summary`)."""
+  from jaxlm.train.aot import summary
+
+  return summary(compiled)
+
+
 def measure_peft_inputs(exp: Experiment, run_dir: Path, init: dict[str, Any] | None, tokenizer) -> dict[str, Any] | None:
   """What the PEFT method measures before its adapters exist (ESFT: the experts to train, scored
   on training batches), recorded in the run directory so that a resumed run reuses it."""
@@ -237,7 +244,11 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
     batch = to_global(next(train_iter), setup.batch_sharding)
     t0 = time.perf_counter()
     compiled = setup.train_step.lower(state, batch).compile()
-    writer.print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+    mem = step_memory(compiled)
+    writer.print(
+        f"compiled the train step in {time.perf_counter() - t0:.1f} s; memory per device {mem['peak_estimate'] / 2**20:,.1f} MiB "
+        f"(state and batch {mem['arguments'] / 2**20:,.1f}, temporaries {mem['temporaries'] / 2**20:,.1f})"
+    )
     hooks = state_hooks(setup, state)
 
     pending: tuple[int, Any] | None = None
@@ -300,6 +311,9 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   pictures = plots.write_all(run_dir, writer.history) if is_main else []
   summary = {
       "steps": tcfg.steps,
+      "trainable_params": n_trainable,
+      "frozen_params": n_frozen,
+      "step_memory_bytes": mem["peak_estimate"],
       "minutes": minutes,
       "tokens_per_sec": tok_s,
       "initial_eval_loss": first_eval["eval_loss"] if first_eval else None,
