@@ -29,6 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
         (["train", "quickstart:smoke", "--set", "data.mixture={'nosuch': 1.0}"], "unknown data source 'nosuch'"),
         (["train"], "the following arguments are required: experiment"),
         (["generate", "/nonexistent/run", "--prompt", "x"], "is not a jaxlm run directory"),
+        (["train", "quickstart:smoke", "--set", "peft.method=lorax"], "peft.method must be one of"),
+        (["train", "quickstart:smoke", "--set", "peft.method=lora", "--set", "peft.targets=('.*attn/q_proj',)"], "peft.targets: '.*attn/q_proj' matches no linear weight"),
+        (["train", "quickstart:smoke", "--set", "peft.method=lora", "--set", "peft.rank=0"], "peft.rank must be >= 1"),
+        (["train", "quickstart:smoke", "--set", "peft.method=lora", "--set", "peft.rank=100"], "rank 100 is larger than the adapted dimensions of blocks/0/attn/w_k"),
+        (["train", "quickstart:smoke", "--set", "init_from=/nonexistent/run"], "init_from /nonexistent/run: no jaxlm run there"),
+        (["merge", "/nonexistent/run", "--out", "/tmp/jaxlm_never_written"], "is not a jaxlm run directory"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):

@@ -50,6 +50,12 @@ def new_variable(kind: type[nnx.Variable], value: Any, axes: tuple[str | None, .
   return kind(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def host_rng(key: jax.Array) -> np.random.Generator:
+  """A numpy generator seeded from a jax key: adapters are initialised on the host (no compile
+  per new shape) and then placed like their weight."""
+  return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
 def _abstract(like: Any) -> bool:
   return isinstance(like, jax.ShapeDtypeStruct)
 
@@ -152,9 +158,9 @@ class LoRA(Adapted):
     k_a, k_r, k_d = jax.random.split(key, 3)
     bound = 1.0 / math.sqrt(math.prod(fan_in))  # kaiming-uniform(a=sqrt(5)), the usual LoRA init of A
     a_shape = stack + nb + fan_in + (rank,)
-    self.a = new_variable(AdapterParam, _init(like, lambda: jax.random.uniform(k_a, a_shape, dtype, -bound, bound), a_shape, dtype), s_ax + nb_ax + i_ax + ("lora_rank",), like)
+    self.a = new_variable(AdapterParam, _init(like, lambda: host_rng(k_a).uniform(-bound, bound, a_shape).astype(dtype), a_shape, dtype), s_ax + nb_ax + i_ax + ("lora_rank",), like)
     b_shape = stack + nb + (rank,) + fan_out
-    self.b = new_variable(AdapterParam, _init(like, lambda: jnp.zeros(b_shape, dtype), b_shape, dtype), s_ax + nb_ax + ("lora_rank",) + o_ax, like)
+    self.b = new_variable(AdapterParam, _init(like, lambda: np.zeros(b_shape, dtype), b_shape, dtype), s_ax + nb_ax + ("lora_rank",) + o_ax, like)
     self.bank = bank
     self.names = tuple(names)
     self.scales = tuple(float(x) for x in scale) if isinstance(scale, (tuple, list)) else (float(scale),) * max(bank, 1)
@@ -165,7 +171,10 @@ class LoRA(Adapted):
     if dora:
       fan_in_axes = tuple(range(len(stack), len(stack) + len(fan_in)))
       m_shape = stack + nb + fan_out
-      norm = lambda: jnp.broadcast_to(jnp.expand_dims(jnp.sqrt(jnp.sum(jnp.square(like.astype(jnp.float32)), axis=fan_in_axes)), len(stack)) if bank else jnp.sqrt(jnp.sum(jnp.square(like.astype(jnp.float32)), axis=fan_in_axes)), m_shape)
+      def norm():  # DoRA starts from m = ||W|| per output column: the adapted weight is W
+        n = jnp.sqrt(jnp.sum(jnp.square(like.astype(jnp.float32)), axis=fan_in_axes))
+        return jnp.broadcast_to(jnp.expand_dims(n, len(stack)) if bank else n, m_shape)
+
       self.magnitude = new_variable(AdapterParam, _init(like, norm, m_shape, jnp.float32), s_ax + nb_ax + o_ax, like)
     else:
       self.magnitude = None
@@ -173,7 +182,8 @@ class LoRA(Adapted):
       scan = stack[: self.n_scan]
       r_shape = scan + ((bank,) + fan_in if router != "softmax" else fan_in + (bank,))
       r_axes = s_ax[: self.n_scan] + ((None,) + i_ax if router != "softmax" else i_ax + (None,))
-      self.router = new_variable(AdapterParam, _init(like, lambda: jax.random.normal(k_r, r_shape, jnp.float32) * 0.02 if router == "softmax" else jnp.zeros(r_shape, jnp.float32), r_shape, jnp.float32), r_axes, like)
+      init = lambda: (host_rng(k_r).normal(0.0, 0.02, r_shape) if router == "softmax" else np.zeros(r_shape)).astype(np.float32)
+      self.router = new_variable(AdapterParam, _init(like, init, r_shape, jnp.float32), r_axes, like)
     else:
       self.router = None
     if dropout > 0:
@@ -243,7 +253,7 @@ class IA3(Adapted):
     if router is not None:
       scan = stack[: self.n_scan]
       r_shape = scan + fan_in + (bank,)
-      self.router = new_variable(AdapterParam, _init(like, lambda: jax.random.normal(key, r_shape, jnp.float32) * 0.02, r_shape, jnp.float32), s_ax[: self.n_scan] + i_ax + (None,), like)
+      self.router = new_variable(AdapterParam, _init(like, lambda: host_rng(key).normal(0.0, 0.02, r_shape).astype(np.float32), r_shape, jnp.float32), s_ax[: self.n_scan] + i_ax + (None,), like)
     else:
       self.router = None
 

@@ -65,6 +65,8 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
     sources.check(name)
   for kind in sorted(set(exp.model.ffn_kinds)):  # FFN kinds check what depends on the mesh
     FFN.get(kind).validate(exp, mesh_shape)
+  if exp.peft.method != "none":  # targets that match nothing, ranks too large, library files: on shapes only
+    initial_model(exp, None, rules, abstract=True)
   if run_dir is not None and (run_dir / CONFIG_FILE).is_file():
     check_resumable(load_config(run_dir), exp)
 
