@@ -152,7 +152,7 @@ def read_library(model: nnx.Module, directories: Sequence[str | Path], *, method
         a[p], b[p] = values[f"{p}/a"], values[f"{p}/b"]
         gate[p] = values[f"{p}/router"] if method == "phatgoose_gates" else None
       except KeyError:
-        raise ConfigError(f"peft.method={who!r}: library entry {d} holds no LoRA weights for {p}") from None
+        raise ConfigError(f"peft.method={who!r}: library entry {d} lacks the {'a, b and router' if method == 'phatgoose_gates' else 'a and b'} weights of {p}") from None
       if method == "phatgoose_gates":  # a bank of one, its scale folded into B
         a[p], b[p] = np.squeeze(a[p], site.n_stack), np.squeeze(b[p], site.n_stack)
         gate[p], scale[p] = np.squeeze(gate[p], site.n_scan), 1.0

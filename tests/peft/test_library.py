@@ -3,6 +3,7 @@ dense deltas, tokens along a prototype / gate route to its adapter, routed model
 routing equal the chosen adapter alone, PHATGOOSE's gate training trains only the gates."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,8 @@ def logits(model) -> np.ndarray:
 
 
 def make_adapter(base, cfg, directory, *, seed, model_cfg=BASE, support=None):
-  """Apply `cfg` to a copy of `base`, give A and B random values (A's rows outside `support`, a
-  slice of input features, zero) and save the adapter into `directory`."""
+  """Apply `cfg` to a copy of `base`, give A and B random values (with `support`, a slice of the
+  input features of one-axis fan-ins: A's other rows zero) and save the adapter into `directory`."""
   model = peft.apply(nnx.clone(base), cfg)
   rng = np.random.default_rng(seed)
   for _, mod in peft.adapted_modules(model):
@@ -109,30 +110,31 @@ def test_arrow_prototypes_are_the_top_singular_vectors(base, library):
 
 
 def test_arrow_prototypes_per_layer_of_a_scanned_model(tmp_path):
-  """Scanned layers: prototypes [L, N, *fan_in], per layer; w_o has a two-axis fan-in [H, K]."""
+  """Scanned layers: prototypes [L, N, *fan_in], one per layer; w_o's fan-in is two axes [H, K]."""
   scanned = numpy_model(SCANNED)
-  cfg = PeftConfig(method="lora", rank=2, targets=(r".*attn/w_(q|o)",))
-  dirs = tuple(str(make_adapter(scanned, cfg, tmp_path / f"s{i}", seed=20 + i, model_cfg=SCANNED)) for i in range(3))
+  cfg = PeftConfig(method="lora", rank=2, targets=(r".*attn/w_o",))
+  dirs = tuple(str(make_adapter(scanned, cfg, tmp_path / f"s{i}", seed=20 + i, model_cfg=SCANNED)) for i in range(2))
   model = peft.apply(scanned, PeftConfig(method="arrow", library=dirs))
-  saved = [peft.read_adapter(d)[1] for d in dirs]
-  mods = dict((peft.targets.path_str(p), m) for p, m in peft.adapted_modules(model))
-  assert sorted(mods) == ["units/blocks/0/attn/w_o", "units/blocks/0/attn/w_q"]
-  for p, mod in mods.items():
-    protos = np.asarray(mod.router[...])
-    assert protos.shape == ((2, 3, 16) if p.endswith("w_q") else (2, 3, 2, 8))  # [L, N, *fan_in]
-    for n, values in enumerate(saved):
-      delta = dense_delta(values, p, n_in=mod.n_in)  # [L, in, out]
-      for layer in range(2):
-        assert_top_singular_vector(protos[layer, n].reshape(-1), delta[layer])
+  ((path, mod),) = peft.adapted_modules(model)
+  assert peft.targets.path_str(path) == "units/blocks/0/attn/w_o"
+  protos = np.asarray(mod.router[...])
+  assert protos.shape == (2, 2, 2, 8)  # [L, N, H, K]
+  for n, d in enumerate(dirs):
+    delta = dense_delta(peft.read_adapter(d)[1], "units/blocks/0/attn/w_o", n_in=2)  # [L, H K, D]
+    for layer in range(2):
+      assert_top_singular_vector(protos[layer, n].reshape(-1), delta[layer])
 
 
 def test_arrow_prototypes_without_forming_the_delta_match_numpy():
-  """Wide fan-out, rank 4, a stack of 3: against numpy's SVD of the formed delta."""
+  """Against numpy's SVD of the formed delta: a stack of 3 with a two-axis fan-out, and a two-axis fan-in."""
   rng = np.random.default_rng(5)
   a, b = rng.standard_normal((3, 12, 4)), rng.standard_normal((3, 4, 5, 7))
   protos = arrow_prototypes(a, b, n_in=1)
   for s in range(3):
     assert_top_singular_vector(protos[s], a[s] @ b[s].reshape(4, -1))
+  # two fan-in axes, no stack, rank 3 > the fan-out 2
+  a, b = rng.standard_normal((2, 6, 3)), rng.standard_normal((3, 2))
+  assert_top_singular_vector(arrow_prototypes(a, b, n_in=2).reshape(-1), a.reshape(12, 3) @ b)
 
 
 def test_arrow_router_sends_a_token_along_a_prototype_to_its_adapter(base, library):
@@ -163,7 +165,7 @@ def masked_inputs(base, keep):
 
 @pytest.mark.parametrize("n", [0, 1])
 def test_arrow_top1_routing_equals_the_chosen_adapter_alone(base, library, n):
-  """Inputs in adapter n's half of the features: |<x, p_m>| = 0 for the other adapter, so top-1
+  """Inputs in adapter n's half of the features: |<x, p_m>| ~ 0 for the other adapter, so top-1
   routing picks n for every token of every layer, and the model is exactly adapter n's."""
   base_n = masked_inputs(base, slice(0, HALF) if n == 0 else slice(HALF, None))
   routed = logits(arrow(base_n, library, top_k=1))
@@ -200,12 +202,11 @@ def gated(base, library, tmp_path_factory):
     for _, mod in peft.adapted_modules(g):  # stands in for the trained gate: a known direction
       mod.router.set_value(4.0 * jax.nn.one_hot(GATE_DIMS[n], 16)[None])
     dirs.append(str(peft.save_adapter(g, root / f"gated{n}", cfg_n, model_cfg=BASE)))
-  return cfg, model, init, tuple(dirs)
+  return types.SimpleNamespace(cfg=cfg, model=model, init=init, dirs=tuple(dirs))
 
 
 def test_phatgoose_gates_trains_only_the_gates(base, library, gated):
-  cfg, model, init, dirs = gated
-  graphdef, train, frozen, rest = nnx.split(model, peft.trainable(cfg), nnx.Param, ...)
+  graphdef, train, frozen, rest = nnx.split(gated.model, peft.trainable(gated.cfg), nnx.Param, ...)
   leaves = jax.tree_util.tree_leaves_with_path(train)
   assert len(leaves) == 4  # one gate per adapted weight
   for path, leaf in leaves:
@@ -217,7 +218,7 @@ def test_phatgoose_gates_trains_only_the_gates(base, library, gated):
   half = peft.load_adapter(nnx.clone(base), library[0])
   for _, mod in peft.adapted_modules(half):
     mod.b.set_value(0.5 * mod.b[...])
-  np.testing.assert_allclose(init, logits(half), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gated.init, logits(half), rtol=1e-5, atol=1e-5)
   # the loss reaches every gate
   loss = lambda t: jnp.mean(jnp.square(nnx.merge(graphdef, t, frozen, rest)(TOKENS)[0]))
   grads = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(train))
@@ -225,7 +226,7 @@ def test_phatgoose_gates_trains_only_the_gates(base, library, gated):
 
 
 def test_saved_gated_adapter_holds_a_b_and_the_gate(library, gated):
-  meta, values = peft.read_adapter(gated[3][1])
+  meta, values = peft.read_adapter(gated.dirs[1])
   assert meta["peft"]["method"] == "phatgoose_gates"
   assert sorted(k.rsplit("/", 1)[1] for k in values if k.startswith("blocks/0/attn/w_q/")) == ["a", "b", "router"]
   np.testing.assert_array_equal(values["blocks/1/attn/w_v/router"], 4.0 * np.eye(16)[None, GATE_DIMS[1]])
@@ -239,7 +240,7 @@ def phatgoose(model, dirs, top_k=1):
 
 
 def test_phatgoose_router_sends_tokens_along_a_gate_to_its_adapter(base, gated):
-  model = phatgoose(base, gated[3])
+  model = phatgoose(base, gated.dirs)
   mod = model.blocks[1].attn.w_q
   v = mod.router[...]  # [N, D]
   np.testing.assert_array_equal(v, 4.0 * np.eye(16)[list(GATE_DIMS)])
@@ -272,7 +273,7 @@ def aligned_inputs(base, dim):
 @pytest.mark.parametrize("n", [0, 1])
 def test_phatgoose_top1_routing_equals_the_chosen_adapter_alone(base, library, gated, n):
   base_n = aligned_inputs(base, GATE_DIMS[n])  # aligned with entry n's gates, in adapter n's half
-  routed = logits(phatgoose(base_n, gated[3], top_k=1))
+  routed = logits(phatgoose(base_n, gated.dirs, top_k=1))
   alone = logits(peft.load_adapter(nnx.clone(base_n), library[n]))
   np.testing.assert_allclose(routed, alone, rtol=1e-5, atol=1e-5)
   assert not np.allclose(alone, logits(base_n), atol=1e-3)  # the chosen adapter changes the model;
@@ -296,7 +297,7 @@ def test_bad_libraries_are_config_errors(base, library, gated, tmp_path):
   with pytest.raises(ConfigError, match="needs 'phatgoose_gates' adapters"):
     phatgoose(base, library)
   with pytest.raises(ConfigError, match="needs 'lora' adapters"):
-    peft.apply(nnx.clone(base), PeftConfig(method="phatgoose_gates", library=(gated[3][0],)))
+    peft.apply(nnx.clone(base), PeftConfig(method="phatgoose_gates", library=(gated.dirs[0],)))
   with pytest.raises(ConfigError, match="adapted already"):
     arrow(peft.load_adapter(nnx.clone(base), library[0]), library)
   untouched = nnx.clone(base)  # a library is checked whole before any weight is adapted
