@@ -26,15 +26,16 @@ the cumulative share is >= top_p (to within 1e-9, so 0.25 + 0.25 reaches 0.5); t
 every expert, also ones with a zero score. At least one expert per layer is always trained.
 
 The adapter. `ExpertDelta` replaces a stacked expert weight w [E, D, F] (or [E, F, D]; a
-leading layer axis when scanned) by the frozen bank plus a trainable delta for the K chosen
-experts only, [K, D, F], with the chosen indices as non-trainable state [K]. The layers read
-the plain array w.at[idx].add(delta), so every MoE path (grouped matmul, expert parallelism)
-works unchanged, merging is exact, and the optimizer holds moments for the chosen experts only
-(ESFT's memory saving). Scanned layers stack their own choices with K the largest count,
-padded with index E, which the scatter drops. AdamW's decoupled weight decay acts on the delta,
-so it pulls the chosen experts toward their pretrained values rather than toward zero.
-The backward pass still forms the bank's full [E, D, F] gradient before gathering the chosen
-rows (as it would in full fine-tuning); only the optimizer state and update shrink.
+leading layer axis when scanned) by the frozen bank plus a trainable float32 delta for the K
+chosen experts only, [K, D, F], with the chosen indices as non-trainable state [K]. The layers
+read the plain array w.at[idx].add(delta) (added in float32 and rounded once to the bank's
+dtype; the other experts come back bitwise), so every MoE path (grouped matmul, expert
+parallelism) works unchanged, merging is exact, and the optimizer holds moments for the chosen
+experts only (ESFT's memory saving). Scanned layers stack their own choices with K the largest
+count, padded with index E, which the scatter drops. AdamW's decoupled weight decay acts on the
+delta, so it pulls the chosen experts toward their pretrained values rather than toward zero.
+The backward pass still forms the bank's full [E, D, F] weight gradient before gathering the
+chosen rows (as full fine-tuning would); the optimizer state and update shrink, not that.
 
 Abstract models (`jax.eval_shape`, ahead-of-time compiles) without a measurement get a
 placeholder choice, the first ceil(top_p * E) experts of every layer, so that
@@ -122,10 +123,13 @@ def _check_moe(cfg: ModelConfig) -> None:
 
 
 def _add_rows(w: jax.Array, idx: jax.Array, delta: jax.Array) -> jax.Array:
-  """w with delta[k] added to row idx[k] (indices >= E dropped); leading stack axes mapped."""
-  if idx.ndim > 1:
+  """w with delta[k] added to row idx[k] (indices >= E dropped), rounded once to w's dtype (the
+  other rows come back bitwise); leading stack axes mapped."""
+  if jnp.ndim(idx) > 1:
     return jax.vmap(_add_rows)(w, idx, delta)
-  return w.at[idx].add(delta.astype(w.dtype), mode="drop")
+  w, delta = jnp.asarray(w), jnp.asarray(delta)
+  wide = jnp.promote_types(w.dtype, delta.dtype)
+  return w.astype(wide).at[idx].add(delta.astype(wide), mode="drop").astype(w.dtype)
 
 
 class ExpertDelta(Adapted):
@@ -140,11 +144,11 @@ class ExpertDelta(Adapted):
     chosen = np.asarray(chosen, np.int32)
     if chosen.shape[:-1] != shape[:n_scan]:
       raise ValueError(f"chosen experts {chosen.shape} do not fit a weight {shape} with {n_scan} scan axes")
-    dtype = jnp.dtype(base.dtype)
+    dtype = jnp.float32  # trained: float32 master weights, whatever the frozen bank's dtype
     d_shape = shape[:n_scan] + chosen.shape[-1:] + shape[n_scan + 1 :]
     d_axes = names[:n_scan] + (None,) + names[n_scan + 1 :]  # K is not the expert axis: unsharded
     abstract = isinstance(like, jax.ShapeDtypeStruct)
-    delta = jax.ShapeDtypeStruct(d_shape, dtype) if abstract else jnp.zeros(d_shape, dtype)
+    delta = jax.ShapeDtypeStruct(d_shape, dtype) if abstract else np.zeros(d_shape, dtype)  # on the host: no compile
     idx = jax.ShapeDtypeStruct(chosen.shape, jnp.int32) if abstract else chosen
     self.delta = new_variable(AdapterParam, delta, d_axes, like)
     self.chosen = new_variable(AdapterState, idx, names[:n_scan] + (None,), like)
@@ -208,9 +212,10 @@ METHODS.register("esft", Method(_apply, is_adapter))
 # -- measuring -----------------------------------------------------------------------------
 
 
-def measure(exp: Experiment, init: dict[str, Any] | None, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+def measure(exp: Experiment, init: dict[str, Any] | None, batches: Iterable[dict[str, np.ndarray]], *, model: nnx.Module | None = None) -> dict[str, Any]:
   """Score the experts of the base model (`init`'s weights, or a fresh init) on `batches` (host
-  numpy batches as `jaxlm.data.pipeline` yields them) and choose the ones to train.
+  numpy batches as `jaxlm.data.pipeline` yields them) and choose the ones to train. `model`:
+  score this plain model instead of building the run's (`run.initial_model` without adapters).
 
   Returns (JSON-serialisable; passed to `peft.apply` as keyword arguments):
     experts  [n_moe_layers][k_l] the chosen experts of each MoE layer (the adapter's input)
@@ -224,7 +229,8 @@ def measure(exp: Experiment, init: dict[str, Any] | None, batches: Iterable[dict
   _check_moe(exp.model)
   mesh = sharding.make_mesh(exp.mesh)
   rules = sharding.make_rules(exp.mesh.rules)
-  model = initial_model(dataclasses.replace(exp, peft=PeftConfig()), mesh, rules, init=init)
+  if model is None:
+    model = initial_model(dataclasses.replace(exp, peft=PeftConfig()), mesh, rules, init=init)
   model.eval()  # no router jitter, no bias update
   graphdef, state = nnx.split(model)
 
@@ -274,9 +280,10 @@ def experts_heatmap(run_dir: Path, history: list[dict[str, Any]]) -> Path | None
     for e in row:
       ax.add_patch(Rectangle((e - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
   if n_layers * n_experts <= 256:
+    top = float(scores.max()) or 1.0
     for i in range(n_layers):
       for j in range(n_experts):
-        ax.text(j, i, f"{scores[i, j]:.2f}", ha="center", va="center", color="w", fontsize=6)
+        ax.text(j, i, f"{scores[i, j]:.2f}", ha="center", va="center", color="k" if scores[i, j] > 0.6 * top else "w", fontsize=6)
   ax.set_xticks(range(0, n_experts, max(1, n_experts // 16)))
   ax.set_yticks(range(n_layers), [str(l) for l in inputs.get("layers", range(n_layers))])
   ax.set_xlabel("expert")

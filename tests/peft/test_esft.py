@@ -1,17 +1,24 @@
-"""ESFT: the selection rule by hand, the scores equal the router's probabilities computed by hand,
-training moves exactly the chosen experts (unrolled and scanned), merging is exact, abstract
-models get a placeholder choice."""
+"""ESFT: the selection rule by hand; the scores equal the router's probabilities computed by hand;
+the trainer moves exactly the chosen experts (on an expert-parallel mesh) and keeps optimizer
+moments for them only; merging is exact; a scanned model with the same weights and deltas gives
+the same logits (its padding slot ignored); abstract models get a placeholder choice.
+
+One trainer run (module fixture) provides the base model that the other tests score and compare:
+building and compiling dominate this file's time."""
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import peft, sharding
+from jaxlm import peft
 from jaxlm.config import DataConfig, Experiment, MeshConfig, ModelConfig, MoEConfig, OptimConfig, PeftConfig, TrainConfig
 from jaxlm.errors import ConfigError
+from jaxlm.models import abstract_model
+from jaxlm.models.build import load_unrolled_into_scanned
 from jaxlm.peft import esft
 from jaxlm.train import loop, run
 
@@ -26,7 +33,7 @@ EXP = Experiment(
     train=TrainConfig(steps=10),
     peft=PeftConfig(method="esft", esft_top_p=0.5),
 )
-SCANNED = dataclasses.replace(EXP, mesh=MeshConfig(fsdp=-1), model=dataclasses.replace(MODEL, scan_layers=True))  # on one device
+SCANNED = dataclasses.replace(EXP, model=dataclasses.replace(MODEL, scan_layers=True))
 CHOSEN = [[0, 2], [3]]  # layer 0 trains experts 0 and 2, layer 1 expert 3
 
 
@@ -78,23 +85,114 @@ def test_layer_to_parameter_path():
   assert esft.expert_bank(dataclasses.replace(cfg, scan_layers=False), 3) == (("blocks", 3, "ffn", "experts"), None)
 
 
+# -- one trainer run ----------------------------------------------------------------------------
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def plain(model):
+  """{path: array} of a model's parameters (merge it first)."""
+  return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """(setup, host copy of the initial (params, frozen, rest), state after 3 steps)."""
+  setup = loop.prepare(EXP, peft_inputs={"experts": CHOSEN, "gate": [[0.25] * 4] * 2})  # other recorded keys are ignored
+  start = host((setup.state.params, setup.state.frozen, setup.state.rest))
+  state = setup.state
+  with jax.set_mesh(setup.mesh):
+    for i in range(3):
+      state, _ = setup.train_step(state, loop.to_global(batch(i), setup.batch_sharding))
+  return setup, start, state
+
+
+@pytest.fixture(scope="module")
+def base(trained):
+  """The base model (the initial state merged: its deltas are zero), on host arrays."""
+  setup, start, _ = trained
+  return peft.merge(nnx.merge(setup.graphdef, *start))
+
+
+@pytest.fixture(scope="module")
+def adapted(trained):
+  """The trained adapted model, on host arrays."""
+  setup, _, state = trained
+  return nnx.merge(setup.graphdef, *host((state.params, state.frozen, state.rest)))
+
+
+fwd = nnx.jit(lambda m, b: m(b["inputs"], segment_ids=b["segment_ids"], positions=b["positions"])[0])
+
+
+def test_only_the_chosen_experts_train(base, adapted):
+  before, after = plain(base), plain(peft.merge(nnx.clone(adapted)))
+  assert set(after) == set(before)
+  changed = set()
+  for path, w0 in before.items():
+    w1 = after[path]
+    if path.split("/")[-1] not in ("w_gate", "w_up", "w_down"):
+      np.testing.assert_array_equal(w1, w0, err_msg=path)  # router, attention, norms, embeddings
+      continue
+    layer = int(path.split("/")[1])
+    for e in range(4):
+      if e in CHOSEN[layer]:
+        assert not np.array_equal(w1[e], w0[e]), (path, e)
+        changed.add((layer, e))
+      else:
+        np.testing.assert_array_equal(w1[e], w0[e], err_msg=f"{path} expert {e}")
+  assert changed == {(0, 0), (0, 2), (1, 3)}
+
+
+def test_optimizer_holds_only_the_chosen_experts(trained):
+  setup, _, state = trained
+  n_delta = sum(x.size for x in jax.tree.leaves(state.params))
+  assert n_delta == 3 * MODEL.d_model * MODEL.d_ff * sum(len(c) for c in CHOSEN)
+  assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2) == 2 * n_delta  # Adam's two moments
+  chosen = {"/".join(map(str, p[:-1])): np.asarray(v.get_value()).tolist() for p, v in nnx.to_flat_state(state.rest) if p[-1] == "chosen"}
+  assert chosen == {f"blocks/{i}/ffn/experts/{w}": CHOSEN[i] for i in range(2) for w in ("w_gate", "w_up", "w_down")}
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.frozen) if x.ndim == 3}
+  assert any("expert" in s for s in specs)  # the expert banks really are split over the expert axis
+
+
+def test_merge_reproduces_the_adapted_logits(adapted):
+  b = batch(7)
+  want = np.asarray(fwd(adapted, b))
+  merged = peft.merge(nnx.clone(adapted))
+  assert not peft.adapted_modules(merged)  # a plain model again
+  np.testing.assert_allclose(np.asarray(fwd(merged, b)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_scanned_equals_unrolled(base, adapted):
+  """The same weights and deltas in a scanned model: the same logits; layer 1's padding slot
+  (index E) holds garbage that must not matter; merging places every delta like the unrolled."""
+  scanned = abstract_model(SCANNED.model)
+  load_unrolled_into_scanned(base, scanned)
+  peft.apply(scanned, SCANNED.peft, experts=CHOSEN)
+  for name in ("w_gate", "w_up", "w_down"):
+    mod = getattr(scanned.units.blocks[0].ffn.experts, name)
+    np.testing.assert_array_equal(mod.chosen[...], [[0, 2], [3, 4]])  # layer 1 padded with E = 4
+    d0, d1 = (np.asarray(getattr(adapted.blocks[i].ffn.experts, name).delta[...]) for i in range(2))
+    mod.delta.set_value(np.stack([d0, np.concatenate([d1, np.full_like(d1, 7.0)])]))
+  b = batch(7)
+  np.testing.assert_allclose(np.asarray(fwd(scanned, b)), np.asarray(fwd(adapted, b)), rtol=1e-5, atol=1e-5)
+  got, want = plain(peft.merge(scanned)), plain(peft.merge(nnx.clone(adapted)))
+  for name in ("w_gate", "w_up", "w_down"):
+    stacked = got[f"units/blocks/0/ffn/experts/{name}"]
+    for i in range(2):
+      np.testing.assert_array_equal(stacked[i], want[f"blocks/{i}/ffn/experts/{name}"])
+
+
 # -- measuring -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def base():
-  """The base model measure() scores, built the same way, on the same mesh."""
-  mesh = sharding.make_mesh(EXP.mesh)
-  rules = sharding.make_rules(EXP.mesh.rules)
-  return run.initial_model(dataclasses.replace(EXP, peft=PeftConfig()), mesh, rules), mesh, rules
+def measured(base):
+  return esft.measure(EXP, None, [batch(0), batch(1, pad=5)], model=nnx.clone(base))
 
 
-@pytest.fixture(scope="module")
-def measured():
-  return esft.measure(EXP, None, [batch(0), batch(1, pad=5)])
-
-
-def hand_scores(model, mesh, rules, batches):
+def hand_scores(model, batches):
   """Gate scores and selection ratios from the router weights and the MoE inputs, in numpy."""
 
   @nnx.jit
@@ -109,8 +207,7 @@ def hand_scores(model, mesh, rules, batches):
   k, e = MODEL.moe.top_k, MODEL.moe.n_experts
   gate, count = np.zeros((2, e)), np.zeros((2, e))
   for b in batches:
-    with sharding.use_rules(rules), jax.set_mesh(mesh):
-      us = router_inputs(model, b["inputs"], b["segment_ids"], b["positions"])
+    us = router_inputs(model, b["inputs"], b["segment_ids"], b["positions"])
     valid = b["segment_ids"].reshape(-1) > 0
     for layer, (u, block) in enumerate(zip(us, model.blocks)):
       logits = np.asarray(u, np.float64).reshape(-1, MODEL.d_model) @ np.asarray(block.ffn.router[...], np.float64)
@@ -124,7 +221,7 @@ def hand_scores(model, mesh, rules, batches):
 
 
 def test_measure_equals_router_by_hand(base, measured):
-  gate, token, n = hand_scores(*base, [batch(0), batch(1, pad=5)])
+  gate, token, n = hand_scores(base, [batch(0), batch(1, pad=5)])
   assert measured["tokens"] == n < 2 * 8 * 16  # padding is not scored
   np.testing.assert_allclose(measured["gate"], gate, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(measured["token"], token, rtol=1e-5, atol=1e-7)
@@ -134,7 +231,7 @@ def test_measure_equals_router_by_hand(base, measured):
 
 
 def test_errors(base):
-  model = base[0]
+  model = nnx.clone(base)
   with pytest.raises(ConfigError, match="measured experts"):
     peft.apply(model, EXP.peft)  # a real model needs a measurement
   with pytest.raises(ConfigError, match="cover 1 MoE layers"):
@@ -152,83 +249,17 @@ def test_heatmap(tmp_path, measured):
   assert path.is_file() and path.stat().st_size > 1000
 
 
-# -- training --------------------------------------------------------------------------------
-
-
-def host(tree):
-  return jax.tree.map(np.asarray, tree)
-
-
-def plain_weights(setup, state):
-  """{path: array} of the merged (plain) model's parameters."""
-  model = peft.merge(nnx.merge(setup.graphdef, state.params, state.frozen, state.rest))
-  return {"/".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-@pytest.fixture(scope="module", params=["unrolled", "scanned"])
-def trained(request):
-  exp, devices = (EXP, None) if request.param == "unrolled" else (SCANNED, jax.devices()[:1])
-  setup = loop.prepare(exp, devices, peft_inputs={"experts": CHOSEN, "gate": [[0.25] * 4] * 2})
-  before = plain_weights(setup, setup.state)
-  state = setup.state
-  with jax.set_mesh(setup.mesh):
-    for i in range(3):
-      state, _ = setup.train_step(state, loop.to_global(batch(i), setup.batch_sharding))
-  return exp, setup, before, state
-
-
-def test_only_the_chosen_experts_train(trained):
-  exp, setup, before, state = trained
-  scanned = exp.model.scan_layers
-  after = plain_weights(setup, state)
-  assert set(after) == set(before)
-  changed = set()
-  for path, w0 in before.items():
-    w1 = after[path]
-    if not path.split("/")[-1] in ("w_gate", "w_up", "w_down"):
-      np.testing.assert_array_equal(w1, w0, err_msg=path)  # router, attention, norms, embeddings
-      continue
-    for layer in range(2):
-      if scanned:
-        a0, a1 = w0[layer], w1[layer]
-      elif path.startswith(f"blocks/{layer}/"):
-        a0, a1 = w0, w1
-      else:
-        continue
-      for e in range(4):
-        if e in CHOSEN[layer]:
-          assert not np.array_equal(a1[e], a0[e]), (path, layer, e)
-          changed.add((layer, e))
-        else:
-          np.testing.assert_array_equal(a1[e], a0[e], err_msg=f"{path} layer {layer} expert {e}")
-  assert changed == {(0, 0), (0, 2), (1, 3)}
-
-
-def test_optimizer_holds_only_the_chosen_experts(trained):
-  exp, setup, _, state = trained
-  d, f = MODEL.d_model, MODEL.d_ff
-  k_max = max(len(c) for c in CHOSEN)
-  n_delta = sum(x.size for x in jax.tree.leaves(state.params))
-  want = 3 * d * f * (2 * k_max if exp.model.scan_layers else sum(len(c) for c in CHOSEN))  # scanned: padded to K
-  assert n_delta == want
-  moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2)
-  assert moments == 2 * n_delta  # Adam's two moments, for the deltas only
-  chosen = {"/".join(map(str, p[:2])): np.asarray(v.get_value()).tolist() for p, v in nnx.to_flat_state(state.rest) if p[-1] == "chosen"}
-  if exp.model.scan_layers:
-    assert chosen == {"units/blocks": [[0, 2], [3, 4]]}  # layer 1 padded with E = 4 (dropped)
-  else:
-    assert chosen == {"blocks/0": [0, 2], "blocks/1": [3]}
-
-
-def test_merge_reproduces_the_adapted_logits(trained):
-  _, setup, _, state = trained
-  b = batch(7)
-  model = nnx.merge(setup.graphdef, host(state.params), host(state.frozen), host(state.rest))
-  fwd = nnx.jit(lambda m, t, s, p: m(t, segment_ids=s, positions=p)[0])  # on one device: host weights, no mesh
-  adapted = np.asarray(fwd(model, b["inputs"], b["segment_ids"], b["positions"]))
-  merged = np.asarray(fwd(peft.merge(model), b["inputs"], b["segment_ids"], b["positions"]))
-  assert not peft.adapted_modules(model)
-  np.testing.assert_allclose(merged, adapted, rtol=1e-6, atol=1e-6)
+def test_bf16_bank_adds_in_float32_and_leaves_other_experts_bitwise():
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((4, 3, 5)).astype(jnp.bfloat16)
+  mod = esft.ExpertDelta(nnx.Param(w, fan_in=(-2,)), np.array([2, 4]))  # expert 2, and a padding slot
+  assert mod.delta.shape == (2, 3, 5) and mod.delta[...].dtype == np.float32
+  delta = (rng.standard_normal((2, 3, 5)) * 1e-2).astype(np.float32)
+  mod.delta.set_value(delta)
+  got = np.asarray(mod[...])
+  assert got.dtype == w.dtype
+  np.testing.assert_array_equal(got[[0, 1, 3]], w[[0, 1, 3]])  # bitwise; the padding slot is dropped
+  np.testing.assert_array_equal(got[2], (w[2].astype(np.float32) + delta[0]).astype(jnp.bfloat16))  # rounded once
 
 
 # -- abstract models ----------------------------------------------------------------------------
@@ -239,5 +270,4 @@ def test_abstract_prepare_uses_a_placeholder_choice():
   leaves = jax.tree.leaves(setup.state.params)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   assert sorted(x.shape for x in leaves) == sorted([(2, 2, 16, 32)] * 2 + [(2, 2, 32, 16)])
-  assert sum(x.size for x in leaves) == 3 * 2 * 2 * 16 * 32
   assert esft.placeholder_experts(MODEL, 0.2) == [[0], [0]]
