@@ -194,14 +194,15 @@ def _set(var: nnx.Variable, value: np.ndarray, what: str) -> None:
 
 
 def load_adapter(model: nnx.Module, directory: str | Path, *, seed: int = 0) -> nnx.Module:
-  """Apply the saved adapter's method to `model` and load its weights (in place)."""
+  """Apply the saved adapter's method to `model` and load its weights (in place; returns the
+  adapted model, a new wrapper for prompt tuning)."""
   from jaxlm.peft import apply
 
   directory = Path(directory)
   meta, values = read_adapter(directory)
   _check_shapes(model, meta, directory)
   cfg = from_dict(PeftConfig, meta["peft"])
-  apply(model, cfg, seed=seed)
+  model = apply(model, cfg, seed=seed)
   for path, value in values.items():
     try:
       var = tg.get_node(model, tuple(int(p) if p.isdigit() else p for p in path.split("/")))

@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.config import PeftConfig
@@ -52,7 +53,7 @@ from jaxlm.layers.linear import project
 from jaxlm.models.transformer import Block, cache_index
 from jaxlm.peft import targets as tg
 from jaxlm.peft.methods import METHODS, Method, is_adapter
-from jaxlm.peft.modules import AdapterParam, new_variable
+from jaxlm.peft.modules import AdapterParam, host_rng, new_variable
 from jaxlm.sharding import logical_axes_of
 
 FRESH = "prompt_tuning_fresh"  # key of a fresh prompt-tuning cache: the virtual tokens are not written yet
@@ -84,11 +85,11 @@ class PromptTuning(Wrapper):
     like = table.get_value()
     vocab, d = table.shape
 
-    def init() -> jax.Array:
-      rows = jax.random.choice(key, vocab, (prompt_len,), replace=prompt_len > vocab)
-      return jnp.take(like, rows, axis=0)
+    def init() -> jax.Array:  # float32 like every adapter, whatever the table's dtype
+      rows = host_rng(key).choice(vocab, prompt_len, replace=prompt_len > vocab)
+      return jnp.take(like, jnp.asarray(rows), axis=0).astype(jnp.float32)
 
-    self.prompt = new_variable(AdapterParam, _value(like, init, (prompt_len, d), like.dtype), (None, "embed"), like)
+    self.prompt = new_variable(AdapterParam, _value(like, init, (prompt_len, d), jnp.float32), (None, "embed"), like)
 
   @property
   def cfg(self):
@@ -166,19 +167,17 @@ class Bottleneck(Wrapper):
   def __init__(self, base: nnx.Module, *, d_model: int, width: int, n_experts: int, key: jax.Array, n_scan: int):
     self.base = base
     var = next(v for _, v in nnx.iter_graph(base) if isinstance(v, nnx.Param))
-    like, dtype = var.get_value(), var.dtype
+    like, dtype = var.get_value(), np.float32  # float32 like every adapter, whatever the base's dtype
     stack, s_ax = tuple(var.shape[:n_scan]), logical_axes_of(var)[:n_scan]
     nb, nb_ax = ((n_experts,), (None,)) if n_experts else ((), ())
     k_down, k_router = jax.random.split(key)
     down, up = stack + nb + (d_model, width), stack + nb + (width, d_model)
-    init_down = lambda: jax.random.normal(k_down, down, dtype) / math.sqrt(d_model)
+    init_down = lambda: (host_rng(k_down).normal(0.0, 1.0, down) / math.sqrt(d_model)).astype(dtype)
     self.down = new_variable(AdapterParam, _value(like, init_down, down, dtype), s_ax + nb_ax + ("embed", "lora_rank"), like)
-    self.up = new_variable(AdapterParam, _value(like, lambda: jnp.zeros(up, dtype), up, dtype), s_ax + nb_ax + ("lora_rank", "embed"), like)
-    self.router = None
-    if n_experts:
-      r = stack + (d_model, n_experts)
-      init_router = lambda: jax.random.normal(k_router, r, jnp.float32) * 0.02
-      self.router = new_variable(AdapterParam, _value(like, init_router, r, jnp.float32), s_ax + ("embed", None), like)
+    self.up = new_variable(AdapterParam, _value(like, lambda: np.zeros(up, dtype), up, dtype), s_ax + nb_ax + ("lora_rank", "embed"), like)
+    r = stack + (d_model, n_experts)
+    init_router = lambda: host_rng(k_router).normal(0.0, 0.02, r).astype(np.float32)
+    self.router = new_variable(AdapterParam, _value(like, init_router, r, jnp.float32), s_ax + ("embed", None), like) if n_experts else None
     self.n_experts = n_experts
 
   def adapt(self, h_bld: jax.Array, x_bld: jax.Array, segment_ids: jax.Array | None) -> jax.Array:

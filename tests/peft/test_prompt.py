@@ -10,7 +10,7 @@ from flax import nnx
 from jaxlm import peft
 from jaxlm.config import ModelConfig, MoEConfig, PeftConfig, SoftMoEConfig
 from jaxlm.generate import SamplingConfig, generate_tokens
-from jaxlm.models import Transformer
+from jaxlm.models import abstract_model
 from jaxlm.peft.wrappers import PromptTuning
 
 P = 3
@@ -28,14 +28,13 @@ _models = {}
 
 
 def wrapped_model(kind):
+  """The model of CFGS[kind] with host-random weights (no compile per shape of an eager init), wrapped."""
   if kind not in _models:
-    _models[kind] = peft.apply(Transformer(CFGS[kind], rngs=nnx.Rngs(0)), PEFT, seed=1)
+    graphdef, state = nnx.split(abstract_model(CFGS[kind]))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), state)
+    _models[kind] = peft.apply(nnx.merge(graphdef, state), PEFT, seed=1)
   return _models[kind]
-
-
-def with_prompt_inputs(b, length):
-  """Segment ids and positions the wrapper gives [prompt; tokens] rows without their own."""
-  return jnp.array([[-1] * P + [1] * length] * b), jnp.array([list(range(-P, length))] * b)
 
 
 def test_wrapper_is_the_model_on_prompt_then_tokens():
@@ -63,16 +62,29 @@ def test_packed_documents_each_see_the_prompt_as_if_alone(kind):
   seg = jnp.array([pad([1] * 4 + [2] * 5), pad([1] * 4), pad([1] * 5)])
   pos = jnp.array([pad(list(range(4)) + list(range(5))), pad(list(range(4))), pad(list(range(5)))])
 
-  @nnx.jit
-  def run(wrapped, tokens, seg, pos):
-    # Also: rows without segment ids (one document each), and the plain model without the prompt.
-    return wrapped(tokens, segment_ids=seg, positions=pos)[0], wrapped(tokens)[0], wrapped.model(tokens)[0]
-
-  out, unpacked, plain = map(np.asarray, run(wrapped_model(kind), tokens, seg, pos))
+  wrapped = wrapped_model(kind)
+  out = np.asarray(logits_of(wrapped, tokens, seg, pos))
   np.testing.assert_allclose(out[0, :4], out[1, :4], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out[0, 4:9], out[2, :5], rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(unpacked[1:, :4], out[1:, :4], rtol=1e-4, atol=1e-5)
-  assert np.abs(plain[1, :4] - out[1, :4]).max() > 1e-3  # the prompt matters
+  if kind == "dense":  # alone = the plain model on [prompt; a], causal (attention does not depend on the FFN kind)
+    x = jnp.concatenate([wrapped.prompt[...], wrapped.model.embed.w_vd[...][jnp.array(a)]])[None]
+    plain = nnx.jit(lambda model, x: model(embeddings=x)[0])(wrapped.model, x)
+    np.testing.assert_allclose(out[1, :4], plain[0, P:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["moe", "soft_moe"])
+def test_moe_layers_give_the_prompt_its_own_ffn(kind):
+  """Virtual tokens (segment id -1) are routed like real ones; the soft MoE routes them as a
+  document of their own: row 0 = [prompt; a] gives the outputs of rows 1 (prompt) and 2 (a)."""
+  ffn = wrapped_model(kind).model.blocks[0].ffn
+  x = jax.random.normal(jax.random.key(4), (1, 7, 16))
+  rows = jnp.concatenate([x, jnp.pad(x[:, :P], ((0, 0), (0, 7 - P), (0, 0))), jnp.pad(x[:, P:], ((0, 0), (0, P), (0, 0)))])
+  seg = jnp.array([[-1] * P + [1] * 4, [1] * P + [0] * 4, [1] * 4 + [0] * P])
+  pos = jnp.array([list(range(-P, 4)), list(range(7)), list(range(7))])
+  out = np.asarray(nnx.jit(lambda f, x, seg, pos: f(x, segment_ids=seg, positions=pos)[0])(ffn, rows, seg, pos))
+  assert np.abs(out[0, :P]).min() > 0
+  np.testing.assert_allclose(out[0, :P], out[1, :P], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out[0, P:], out[2, :4], rtol=1e-4, atol=1e-6)
 
 
 def test_greedy_generation_with_cache_equals_recompute():
@@ -95,23 +107,21 @@ def test_greedy_generation_with_cache_equals_recompute():
     assert g == seq[len(prompt) :]
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_gradients_reach_only_the_prompt(kind):
-  wrapped = wrapped_model(kind)
+def test_gradients_reach_only_the_prompt():
+  wrapped = wrapped_model("dense")
   graphdef, train, frozen = nnx.split(wrapped, peft.trainable(PEFT), ...)
   assert [tuple(p) for p, _ in nnx.to_flat_state(train)] == [("prompt",)]
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 3, 64)
   weights = jax.random.normal(jax.random.key(2), (2, 6, 64))
-  seg, pos = with_prompt_inputs(2, 6)
 
   @jax.jit
   def grads(train, frozen):
-    loss = lambda t: jnp.sum(nnx.merge(graphdef, t, frozen)(tokens)[0] * weights)
-    model = nnx.merge(graphdef, train, frozen).model
+    loss = lambda t: jnp.sum(nnx.merge(graphdef, t, frozen, copy=True)(tokens)[0] * weights)
+    model = nnx.merge(graphdef, train, frozen, copy=True).model
 
-    def plain_loss(prompt):  # the same gradient another way: the plain model's, at its input embeddings
+    def plain_loss(prompt):  # the same gradient another way: the plain model's (causal), at its input embeddings
       x = jnp.concatenate([jnp.broadcast_to(prompt, (2, P, 16)), model.embed(tokens)], axis=1)
-      return jnp.sum(model(embeddings=x, segment_ids=seg, positions=pos)[0][:, P:] * weights)
+      return jnp.sum(model(embeddings=x)[0][:, P:] * weights)
 
     return jax.grad(loss)(train)["prompt"][...], jax.grad(plain_loss)(train["prompt"][...])
 
