@@ -88,7 +88,7 @@ def test_inspect_prints_counts_memory_and_sharding(capsys):
   assert r["params_total"] == r["params_active"] > 3_000_000
 
 
-def test_train_then_eval_and_generate_in_process(tmp_path, capsys):
+def test_train_then_eval_and_generate_then_lora_and_merge_in_process(tmp_path, capsys):
   run_dir = tmp_path / "run"
   assert main(["train", "quickstart:smoke", "--run-dir", str(run_dir), "--set", "train.steps=2", "--set", "train.sample_tokens=0"]) == 0
   capsys.readouterr()
@@ -100,3 +100,23 @@ def test_train_then_eval_and_generate_in_process(tmp_path, capsys):
   assert main(["generate", str(run_dir), "--prompt", "def ", "--prompt", "x", "--max-new-tokens", "4"]) == 0
   assert capsys.readouterr().out.count("--- quickstart_smoke step 2") == 2
   assert main(["generate", str(run_dir), "--prompt", "x", "--top-p", "2"]) == 2
+  # LoRA from that run (init_from): it starts where the base ends, checkpoints only its adapters,
+  # and `jaxlm merge` turns it into a plain run that evaluates the same.
+  lora_dir, merged_dir = tmp_path / "lora", tmp_path / "merged"
+  assert main(["train", "lora_quickstart:smoke", "--run-dir", str(lora_dir), "--set", f"init_from={run_dir}", "--set", "train.steps=2", "--set", "train.eval_every=2", "--set", "train.sample_tokens=0"]) == 0
+  out = capsys.readouterr().out
+  assert f"from {run_dir} step 2" in out and "peft lora: " in out and "trainable parameters of" in out
+  lora_evals = [json.loads(line) for line in (lora_dir / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+  assert lora_evals[0]["eval_loss"] == pytest.approx(last_eval["eval_loss/stdlib_code"], rel=1e-6)  # zero-init LoRA == the base
+  assert json.loads((lora_dir / "init_from.json").read_text()) == {"path": str(run_dir), "step": 2}
+  saved = json.loads((lora_dir / "checkpoints" / "2" / "params" / "_METADATA").read_text())["tree_metadata"]
+  assert saved and all(eval(k)[-2] in ("a", "b") for k in saved)  # LoRA A and B only: the base is named by init_from
+  assert main(["eval", str(lora_dir), "--batches", "1"]) == 0  # rebuilds the base, restores the adapters
+  lora_report = json.loads(capsys.readouterr().out)
+  assert lora_report["eval_loss"] == pytest.approx(lora_evals[-1]["eval_loss"], rel=1e-5)
+  assert main(["merge", str(lora_dir), "--out", str(merged_dir)]) == 0
+  capsys.readouterr()
+  assert main(["eval", str(merged_dir), "--batches", "1"]) == 0
+  merged_report = json.loads(capsys.readouterr().out)
+  assert merged_report["step"] == 0 and merged_report["eval_loss"] == pytest.approx(lora_report["eval_loss"], rel=1e-5)
+  assert main(["merge", str(lora_dir), "--out", str(merged_dir)]) == 2  # never overwrites

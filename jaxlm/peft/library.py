@@ -57,7 +57,7 @@ from jaxlm.config import PeftConfig, from_dict
 from jaxlm.errors import ConfigError
 from jaxlm.layers.linear import fan_in_of
 from jaxlm.peft import targets as tg
-from jaxlm.peft.lifecycle import _check_shapes, _set, read_adapter
+from jaxlm.peft.lifecycle import check_shapes, read_adapter, set_array
 from jaxlm.peft.methods import METHODS, Method, lora_scale
 from jaxlm.peft.modules import AdapterParam, LoRA
 
@@ -140,7 +140,7 @@ def read_library(model: nnx.Module, directories: Sequence[str | Path], *, method
     cfg = from_dict(PeftConfig, meta["peft"])
     if cfg.n_experts:
       raise ConfigError(f"peft.method={who!r}: library entry {d} is a mixture of LoRA experts, not one adapter")
-    _check_shapes(model, meta, d)
+    check_shapes(model, meta, d)
     paths = sorted(meta["adapted_shapes"])
     if sites is None:
       sites = _sites(model, paths, who)
@@ -176,10 +176,10 @@ def attach_bank(model: nnx.Module, sites: dict[str, Site], entries: list[Entry],
     mod = LoRA(site.var, rank=r, scale=tuple(e.scale[p] for e in entries), key=k, bank=len(entries), names=tuple(e.name for e in entries), router=router, top_k=top_k, n_scan=site.n_scan)
     if not isinstance(site.var.get_value(), jax.ShapeDtypeStruct):  # abstract models get shapes only
       s = site.n_stack
-      _set(mod.a, np.stack([_pad_rank(e.a[p], r, -1) for e in entries], axis=s), f"{p}/a")
-      _set(mod.b, np.stack([_pad_rank(e.b[p], r, s) for e in entries], axis=s), f"{p}/b")
+      set_array(mod.a, np.stack([_pad_rank(e.a[p], r, -1) for e in entries], axis=s), f"{p}/a")
+      set_array(mod.b, np.stack([_pad_rank(e.b[p], r, s) for e in entries], axis=s), f"{p}/b")
       if router_weights is not None:
-        _set(mod.router, router_weights(p, site), f"{p}/router")
+        set_array(mod.router, router_weights(p, site), f"{p}/router")
     tg.set_node(model, site.path, mod)
   return model
 

@@ -139,14 +139,18 @@ def adapter_values(model: nnx.Module) -> dict[str, np.ndarray]:
   return {tg.path_str(tuple(p)): np.asarray(jax.device_get(n.get_value())) for p, n in nnx.iter_graph(model) if isinstance(n, AdapterParam)}
 
 
-def save_adapter(model: nnx.Module, directory: str | Path, cfg: PeftConfig, *, model_cfg: ModelConfig, extra: Mapping[str, Any] | None = None) -> Path:
-  """Write the adapter alone (weights + config + the adapted weights' shapes) into `directory`."""
+def save_adapter(model: nnx.Module, directory: str | Path, cfg: PeftConfig, *, model_cfg: ModelConfig, inputs: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+  """Write the adapter alone (weights + config + the adapted weights' shapes) into `directory`.
+
+  `inputs`: what the method measured before its adapters existed (a run's peft_inputs.json, e.g.
+  ESFT's chosen experts), passed back to `apply` when the adapter is loaded.
+  """
   directory = Path(directory)
   values = adapter_values(model)
   if not values:
     raise ConfigError("the model has no adapter weights to save")
   shapes = {tg.path_str(p): list(m.shape) for p, m in adapted_modules(model)}
-  meta = {"peft": to_dict(cfg), "model": to_dict(model_cfg), "adapted_shapes": shapes, **(extra or {})}
+  meta = {"peft": to_dict(cfg), "model": to_dict(model_cfg), "adapted_shapes": shapes, "peft_inputs": dict(inputs or {}), **(extra or {})}
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (ADAPTER_FILE + ".tmp.npz")
@@ -167,7 +171,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.nd
   return meta, values
 
 
-def _check_shapes(model: nnx.Module, meta: dict[str, Any], directory: Path) -> None:
+def check_shapes(model: nnx.Module, meta: dict[str, Any], directory: Path) -> None:
   have = {tg.path_str(p): list(v.shape) for p, v in _weights_by_path(model).items()}
   for path, shape in meta["adapted_shapes"].items():
     if path not in have:
@@ -183,7 +187,7 @@ def _weights_by_path(model: nnx.Module) -> dict[tuple[Any, ...], Any]:
   return out
 
 
-def _set(var: nnx.Variable, value: np.ndarray, what: str) -> None:
+def set_array(var: nnx.Variable, value: np.ndarray, what: str) -> None:
   old = var.get_value()
   if tuple(old.shape) != tuple(value.shape):
     raise ConfigError(f"{what}: shape {tuple(value.shape)} does not fit {tuple(old.shape)}")
@@ -200,15 +204,15 @@ def load_adapter(model: nnx.Module, directory: str | Path, *, seed: int = 0) -> 
 
   directory = Path(directory)
   meta, values = read_adapter(directory)
-  _check_shapes(model, meta, directory)
+  check_shapes(model, meta, directory)
   cfg = from_dict(PeftConfig, meta["peft"])
-  model = apply(model, cfg, seed=seed)
+  model = apply(model, cfg, seed=seed, **meta.get("peft_inputs", {}))
   for path, value in values.items():
     try:
       var = tg.get_node(model, tuple(int(p) if p.isdigit() else p for p in path.split("/")))
     except (AttributeError, IndexError, KeyError):
       raise ConfigError(f"adapter {directory}: {path} has no place in this model") from None
-    _set(var, value, f"adapter {directory}: {path}")
+    set_array(var, value, f"adapter {directory}: {path}")
   return model
 
 
@@ -227,7 +231,7 @@ def load_adapters(model: nnx.Module, directories: Mapping[str, str | Path]) -> n
     raise ConfigError(f"a bank needs adapters of one method among lora, dora, ia3; got {sorted(methods)}")
   paths = set(metas[0]["adapted_shapes"])
   for n, m in zip(names, metas):
-    _check_shapes(model, m, Path(directories[n]))
+    check_shapes(model, m, Path(directories[n]))
     if set(m["adapted_shapes"]) != paths:
       raise ConfigError(f"adapter {n!r} adapts other weights than {names[0]!r}; a bank needs the same targets")
   method = methods.pop()
@@ -250,7 +254,7 @@ def _load_bank(model, path, var, method, names, values, path_s, cfgs) -> None:
     side = "in" if path_s.endswith("w_down") else "out"
     mod = IA3(var, side=side, key=key, bank=len(names), names=tuple(names), n_scan=n_scan)
     stacked = np.stack([v[f"{path_s}/scale"] for v in values], axis=mod.n_stack)
-    _set(mod.scale, stacked, f"{path_s}/scale")
+    set_array(mod.scale, stacked, f"{path_s}/scale")
   else:
     ranks = [v[f"{path_s}/a"].shape[-1] for v in values]
     r = max(ranks)
@@ -259,8 +263,8 @@ def _load_bank(model, path, var, method, names, values, path_s, cfgs) -> None:
     s = mod.n_stack
     pad_a = lambda a: np.concatenate([a, np.zeros(a.shape[:-1] + (r - a.shape[-1],), a.dtype)], axis=-1)
     pad_b = lambda b: np.concatenate([b, np.zeros(b.shape[:s] + (r - b.shape[s],) + b.shape[s + 1 :], b.dtype)], axis=s)
-    _set(mod.a, np.stack([pad_a(v[f"{path_s}/a"]) for v in values], axis=s), f"{path_s}/a")
-    _set(mod.b, np.stack([pad_b(v[f"{path_s}/b"]) for v in values], axis=s), f"{path_s}/b")
+    set_array(mod.a, np.stack([pad_a(v[f"{path_s}/a"]) for v in values], axis=s), f"{path_s}/a")
+    set_array(mod.b, np.stack([pad_b(v[f"{path_s}/b"]) for v in values], axis=s), f"{path_s}/b")
     if method == "dora":
-      _set(mod.magnitude, np.stack([v[f"{path_s}/magnitude"] for v in values], axis=s), f"{path_s}/magnitude")
+      set_array(mod.magnitude, np.stack([v[f"{path_s}/magnitude"] for v in values], axis=s), f"{path_s}/magnitude")
   tg.set_node(model, path, mod)

@@ -39,32 +39,30 @@ def randomize(model, seed=0, scale=0.2):
   return model
 
 
+_logits = nnx.jit(lambda m, t: m(t)[0])  # one function: compiled once per model structure
+
+
 def logits(model, tokens=TOKENS):
-  return np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, tokens))
+  return np.asarray(_logits(model, tokens))
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_fresh_lora_leaves_the_model_unchanged(kind):
-  model = Transformer(MODELS[kind], rngs=nnx.Rngs(0))
-  before = logits(model)
-  peft.apply(model, PeftConfig(method="lora", rank=4))
-  np.testing.assert_array_equal(logits(model), before)
+CASES = [("lora", k) for k in MODELS] + [("dora", "moe"), ("dora", "soft_moe"), ("ia3", "scanned"), ("ia3", "moe")]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_merged_equals_unmerged(method, kind):
-  model = randomize(peft.apply(Transformer(MODELS[kind], rngs=nnx.Rngs(0)), PeftConfig(method=method, rank=4)))
-  adapted = logits(model)
-  base = logits(Transformer(MODELS[kind], rngs=nnx.Rngs(0)))
+@pytest.mark.parametrize("method, kind", CASES)
+def test_fresh_adapters_change_nothing_and_merged_equals_unmerged(method, kind, model_of):
+  base = logits(model_of(MODELS[kind]))
+  model = peft.apply(model_of(MODELS[kind]), PeftConfig(method=method, rank=4))
+  np.testing.assert_allclose(logits(model), base, rtol=1e-6, atol=1e-6)  # B = 0, l = 1, m = ||W||
+  adapted = logits(randomize(model))
   assert not np.allclose(adapted, base, atol=1e-3)  # the adapters do something
   np.testing.assert_allclose(logits(peft.merge(model)), adapted, rtol=1e-5, atol=1e-5)
   assert not peft.adapted_modules(model)  # a plain model again
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
-def test_merge_adapters_then_unmerge_restores_the_base(method):
-  model = randomize(peft.apply(Transformer(MODELS["moe"], rngs=nnx.Rngs(0)), PeftConfig(method=method, rank=4)))
+def test_merge_adapters_then_unmerge_restores_the_base(method, model_of):
+  model = randomize(peft.apply(model_of(MODELS["moe"]), PeftConfig(method=method, rank=4)))
   bases = [np.asarray(m.base[...]) for _, m in peft.adapted_modules(model)]
   adapted = logits(model)
   peft.merge_adapters(model)
@@ -121,8 +119,7 @@ def moe_loss(params, x, cfg):
   return jnp.sum(y * jnp.cos(jnp.arange(y.shape[-1]))) + sum(aux["losses"].values()), y
 
 
-@pytest.mark.parametrize("dora", [False, True])
-@pytest.mark.parametrize("moe_kw", [dict(gmm_backend="capacity_einsum"), dict(gmm_backend="ragged_dot"), dict(mode="capacity", capacity_factor=1.0)])
+@pytest.mark.parametrize("moe_kw, dora", [(dict(gmm_backend="capacity_einsum"), False), (dict(gmm_backend="ragged_dot"), True), (dict(mode="capacity", capacity_factor=1.0), True)])
 def test_expert_lora_equals_materialised_experts(moe_kw, dora):
   """x_sorted @ A_e @ B_e through the grouped matmul == experts W_e + s A_e B_e (never formed)."""
   cfg = dataclasses.replace(MOE_CFG, moe=dataclasses.replace(MOE_CFG.moe, **moe_kw))
@@ -153,12 +150,12 @@ def test_expert_lora_under_expert_parallelism_equals_one_device(ep, all_to_all):
   assert np.abs(np.asarray(got["w_down"].b)).max() > 0
 
 
-def test_soft_moe_expert_lora_equals_merging_the_materialised_experts():
+def test_soft_moe_expert_lora_equals_merging_the_materialised_experts(model_of):
   """sum_e p_e (W_e + s A_e B_e) kept as the merged W plus one rank-E*R product."""
   from jaxlm.layers.soft_moe import soft_moe
 
   cfg = MODELS["soft_moe"]
-  model = randomize(peft.apply(Transformer(cfg, rngs=nnx.Rngs(0)), PeftConfig(method="lora", rank=2, targets=(r".*experts/w_.*",))))
+  model = randomize(peft.apply(model_of(cfg), PeftConfig(method="lora", rank=2, targets=(r".*experts/w_.*",))))
   ffn = model.blocks[0].ffn
   p = ffn.params()
   dense = {k: (v.dense() if hasattr(v, "dense") else v) for k, v in p.items()}
@@ -171,32 +168,32 @@ def test_soft_moe_expert_lora_equals_merging_the_materialised_experts():
 # -- targeting ---------------------------------------------------------------------------------
 
 
-def adapted_paths(cfg: ModelConfig, pcfg: PeftConfig) -> list[str]:
-  model = peft.apply(Transformer(cfg, rngs=nnx.Rngs(0)), pcfg)
+def adapted_paths(model_of, cfg: ModelConfig, pcfg: PeftConfig) -> list[str]:
+  model = peft.apply(model_of(cfg), pcfg)
   return [peft.targets.path_str(p) for p, _ in peft.adapted_modules(model)]
 
 
-def test_targets_select_by_regex_and_all_linear_skips_head_and_routers():
+def test_targets_select_by_regex_and_all_linear_skips_head_and_routers(model_of):
   untied = dataclasses.replace(MODELS["moe"], tie_embeddings=False)
-  paths = adapted_paths(untied, PeftConfig(method="lora", targets=("all-linear",)))
+  paths = adapted_paths(model_of, untied, PeftConfig(method="lora", targets=("all-linear",)))
   assert "blocks/0/attn/w_q" in paths and "blocks/1/ffn/experts/w_down" in paths
   assert not any(p.endswith(("router", "lm_head")) for p in paths)
-  assert adapted_paths(untied, PeftConfig(method="lora", targets=(r"blocks/.*/attn/w_(q|v)",))) == ["blocks/0/attn/w_q", "blocks/0/attn/w_v", "blocks/1/attn/w_q", "blocks/1/attn/w_v"]
-  assert not any(p.endswith("router") for p in adapted_paths(untied, PeftConfig(method="lora", targets=(r".*",))))
-  assert adapted_paths(untied, PeftConfig(method="lora", rank=2, targets=(r"blocks/0/ffn/router",))) == ["blocks/0/ffn/router"]
+  assert adapted_paths(model_of, untied, PeftConfig(method="lora", targets=(r"blocks/.*/attn/w_(q|v)",))) == ["blocks/0/attn/w_q", "blocks/0/attn/w_v", "blocks/1/attn/w_q", "blocks/1/attn/w_v"]
+  assert not any(p.endswith("router") for p in adapted_paths(model_of, untied, PeftConfig(method="lora", targets=(r".*",))))
+  assert adapted_paths(model_of, untied, PeftConfig(method="lora", rank=2, targets=(r"blocks/0/ffn/router",))) == ["blocks/0/ffn/router"]
   # (IA)^3's default: keys, values and the FFN's down projection (its hidden units)
-  assert adapted_paths(BASE, PeftConfig(method="ia3")) == ["blocks/0/attn/w_k", "blocks/0/attn/w_v", "blocks/0/ffn/w_down", "blocks/1/attn/w_k", "blocks/1/attn/w_v", "blocks/1/ffn/w_down"]
+  assert adapted_paths(model_of, BASE, PeftConfig(method="ia3")) == ["blocks/0/attn/w_k", "blocks/0/attn/w_v", "blocks/0/ffn/w_down", "blocks/1/attn/w_k", "blocks/1/attn/w_v", "blocks/1/ffn/w_down"]
 
 
-def test_per_target_ranks_and_bad_targets():
-  model = peft.apply(Transformer(BASE, rngs=nnx.Rngs(0)), PeftConfig(method="lora", rank=4, rank_pattern={r".*w_q": 2}, alpha_pattern={r".*w_q": 4.0}))
+def test_per_target_ranks_and_bad_targets(model_of):
+  model = peft.apply(model_of(BASE), PeftConfig(method="lora", rank=4, rank_pattern={r".*w_q": 2}, alpha_pattern={r".*w_q": 4.0}))
   mods = {peft.targets.path_str(p): m for p, m in peft.adapted_modules(model)}
   assert mods["blocks/0/attn/w_q"].rank == 2 and mods["blocks/0/attn/w_k"].rank == 4
   assert mods["blocks/0/attn/w_q"].scales == (2.0,) and mods["blocks/0/attn/w_k"].scales == (4.0,)  # alpha / rank
   with pytest.raises(ConfigError, match="matches no linear weight"):
-    peft.apply(Transformer(BASE, rngs=nnx.Rngs(0)), PeftConfig(method="lora", targets=(r".*attn/q_proj",)))
+    peft.apply(model_of(BASE), PeftConfig(method="lora", targets=(r".*attn/q_proj",)))
   with pytest.raises(ConfigError, match="larger than the adapted dimensions"):
-    peft.apply(Transformer(BASE, rngs=nnx.Rngs(0)), PeftConfig(method="lora", rank=17))
+    peft.apply(model_of(BASE), PeftConfig(method="lora", rank=17))
   with pytest.raises(ConfigError, match="peft.method"):
     PeftConfig(method="lorax")
   with pytest.raises(ConfigError, match="peft.rank"):
@@ -207,33 +204,33 @@ def test_per_target_ranks_and_bad_targets():
 
 
 @pytest.fixture(scope="module")
-def two_adapters(tmp_path_factory):
+def two_adapters(tmp_path_factory, model_of):
   """Two saved LoRA adapters of different ranks (one with DoRA's sibling config) on the MoE model."""
   dirs = {}
   for i, rank in enumerate((2, 4)):
     cfg = PeftConfig(method="lora", rank=rank, alpha=2.0 * (i + 1), targets=(r".*attn/w_(q|v)", r".*experts/w_up"))
-    model = randomize(peft.apply(Transformer(MODELS["moe"], rngs=nnx.Rngs(0)), cfg), seed=i)
+    model = randomize(peft.apply(model_of(MODELS["moe"]), cfg), seed=i)
     d = tmp_path_factory.mktemp(f"adapter{i}")
     peft.save_adapter(model, d, cfg, model_cfg=MODELS["moe"])
     dirs[f"task{i}"] = (d, logits(model))
   return dirs
 
 
-def test_adapter_round_trip_and_refusing_another_base(two_adapters, tmp_path):
+def test_adapter_round_trip_and_refusing_another_base(two_adapters, tmp_path, model_of):
   d, want = two_adapters["task1"]
-  model = peft.load_adapter(Transformer(MODELS["moe"], rngs=nnx.Rngs(0)), d)
+  model = peft.load_adapter(model_of(MODELS["moe"]), d)
   np.testing.assert_allclose(logits(model), want, rtol=1e-6, atol=1e-6)
   other = dataclasses.replace(MODELS["moe"], d_ff=48)
   with pytest.raises(ConfigError, match="trained on a base whose"):
-    peft.load_adapter(Transformer(other, rngs=nnx.Rngs(0)), d)
+    peft.load_adapter(model_of(other), d)
   with pytest.raises(ConfigError, match="not a saved adapter"):
-    peft.load_adapter(Transformer(MODELS["moe"], rngs=nnx.Rngs(0)), tmp_path)
+    peft.load_adapter(model_of(MODELS["moe"]), tmp_path)
 
 
-def test_per_example_adapters_in_one_batch_equal_each_adapter_alone(two_adapters):
+def test_per_example_adapters_in_one_batch_equal_each_adapter_alone(two_adapters, model_of):
   """A bank of two resident adapters (ranks 2 and 4, expert weights included): example b uses
   adapter ids[b]; each row equals the model with only that adapter loaded."""
-  model = peft.load_adapters(Transformer(MODELS["moe"], rngs=nnx.Rngs(0)), {n: d for n, (d, _) in two_adapters.items()})
+  model = peft.load_adapters(model_of(MODELS["moe"]), {n: d for n, (d, _) in two_adapters.items()})
   tokens = jnp.concatenate([TOKENS, TOKENS[::-1]])
   ids = jnp.asarray([0, 1, 1, 0], jnp.int32)
 
@@ -250,10 +247,10 @@ def test_per_example_adapters_in_one_batch_equal_each_adapter_alone(two_adapters
   np.testing.assert_allclose(logits(peft.merge(model)), two_adapters["task1"][1], rtol=1e-5, atol=1e-5)
 
 
-def test_molora_with_identical_experts_equals_one_lora():
+def test_molora_with_identical_experts_equals_one_lora(model_of):
   """MoLoRA (per-token softmax over N LoRA experts): N copies of one adapter give that adapter."""
-  single = randomize(peft.apply(Transformer(BASE, rngs=nnx.Rngs(0)), PeftConfig(method="lora", rank=2)))
-  mix = peft.apply(Transformer(BASE, rngs=nnx.Rngs(0)), PeftConfig(method="lora", rank=2, n_experts=3))
+  single = randomize(peft.apply(model_of(BASE), PeftConfig(method="lora", rank=2)))
+  mix = peft.apply(model_of(BASE), PeftConfig(method="lora", rank=2, n_experts=3))
   for (_, s), (_, m) in zip(peft.adapted_modules(single), peft.adapted_modules(mix)):
     axis = s.n_stack
     m.a.set_value(jnp.stack([s.a[...]] * 3, axis=axis))
