@@ -65,11 +65,32 @@ def parse(eq: str) -> Eq:
   return Eq(xs, y, stack, fan_in, fan_out, "".join(c for c in xs if c not in fan_in), free[0], free[1])
 
 
-def _bcast_gates(gates: jax.Array, keep_shape: tuple[int, ...]) -> jax.Array:
-  """Gates [B, N] (per example) or [..., N] (per token) -> broadcastable to [*keep, N]."""
-  if gates.ndim == len(keep_shape) + 1:
+def bank_gates(x: jax.Array, e: Eq, n: int, *, gates: jax.Array | None, router: "Router | None") -> jax.Array:
+  """Gates over a bank of n adapters, broadcastable to [*keep, n] (x's non-contracted axes): the
+  fixed `gates`, else the router's per-token gates, else one-hot per example from `use_adapter`."""
+  keep_ndim = len(e.keep)
+  if gates is None and router is not None:
+    gates = router.gates(x, len(e.fan_in))
+  if gates is None:
+    ids = current_adapter_ids()
+    if ids is None:
+      raise ConfigError("a bank of several adapters needs a choice: wrap the call in jaxlm.peft.use_adapter(ids) or set one active adapter")
+    gates = jax.nn.one_hot(ids, n)
+  if gates.ndim == keep_ndim + 1:
     return gates
-  return gates.reshape(gates.shape[:1] + (1,) * (len(keep_shape) - 1) + gates.shape[-1:])
+  return gates.reshape(gates.shape[:1] + (1,) * (keep_ndim - 1) + gates.shape[-1:])  # [B, N] per example
+
+
+class _WeightLike:
+  """An adapted weight looks like its base weight: shape and dtype."""
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.base.shape
+
+  @property
+  def dtype(self):
+    return self.base.dtype
 
 
 # -- routers over a bank ----------------------------------------------------------------------
@@ -157,7 +178,7 @@ def dora_column_scale(base: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Ar
 
 
 @struct.dataclass
-class LoRAWeight:
+class LoRAWeight(_WeightLike):
   """W + s A B, unmerged (see the module docstring for shapes); a bank when `bank`."""
 
   base: jax.Array
@@ -172,14 +193,6 @@ class LoRAWeight:
   bank: bool = struct.field(pytree_node=False, default=False)
   dropout: float = struct.field(pytree_node=False, default=0.0)
   shared_stack: bool = struct.field(pytree_node=False, default=True)  # A and B have the base's stack axes (False: a merged base [G, ...])
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.base.shape
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   @property
   def n_stack(self) -> int:
@@ -219,19 +232,6 @@ class LoRAWeight:
     keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
-  def _gates(self, x: jax.Array, e: Eq) -> jax.Array:
-    keep_shape = tuple(x.shape[e.x.index(c)] for c in e.keep)
-    if self.gates is not None:
-      g = self.gates
-    elif self.router is not None:
-      g = self.router.gates(x, len(e.fan_in))
-    else:
-      ids = current_adapter_ids()
-      if ids is None:
-        raise ConfigError("a bank of several adapters needs a choice: wrap the call in jaxlm.peft.use_adapter(ids) or set one active adapter")
-      g = jax.nn.one_hot(ids, self.a.shape[self.n_stack])
-    return _bcast_gates(g, keep_shape)
-
   # -- the seam ---------------------------------------------------------------------------------
 
   def project(self, eq: str, x: jax.Array, **kw: Any) -> jax.Array:
@@ -246,7 +246,7 @@ class LoRAWeight:
       h = jnp.einsum(f"{e.x},{e.stack}{e.fan_in}{e.r}->{e.keep}{e.r}", xd, self.a.astype(dt), **kw)
       lora = jnp.einsum(f"{e.keep}{e.r},{e.stack}{e.r}{e.fan_out}->{e.y}", h, self.b.astype(dt), **kw) * self.scale.astype(dt)
     else:
-      gates = self._gates(x, e)
+      gates = bank_gates(x, e, self.a.shape[self.n_stack], gates=self.gates, router=self.router)
       h = jnp.einsum(f"{e.x},{e.stack}{e.n}{e.fan_in}{e.r}->{e.keep}{e.n}{e.r}", xd, self.a.astype(dt), **kw)
       h = h * (gates * self.scale).astype(h.dtype)[..., None]
       lora = jnp.einsum(f"{e.keep}{e.n}{e.r},{e.stack}{e.n}{e.r}{e.fan_out}->{e.y}", h, self.b.astype(dt), **kw)
@@ -323,7 +323,7 @@ class LoRAWeight:
 
 
 @struct.dataclass
-class IA3Weight:
+class IA3Weight(_WeightLike):
   """Learned rescaling of W's fan-out (`side="out"`) or fan-in (`side="in"`) units."""
 
   base: jax.Array
@@ -333,14 +333,6 @@ class IA3Weight:
   n_out: int = struct.field(pytree_node=False, default=1)
   side: str = struct.field(pytree_node=False, default="out")
   bank: bool = struct.field(pytree_node=False, default=False)
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.base.shape
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   @property
   def n_stack(self) -> int:
@@ -360,15 +352,7 @@ class IA3Weight:
     """(scaling vector, its letters): stack + axes, or for a bank per token keep + axes."""
     if not self.bank:
       return self.scale, e.stack + axes
-    keep_shape = tuple(x.shape[e.x.index(c)] for c in e.keep)
-    if self.router is not None:
-      g = self.router.gates(x, len(e.fan_in))
-    else:
-      ids = current_adapter_ids()
-      if ids is None:
-        raise ConfigError("a bank of several (IA)^3 adapters needs a choice: wrap the call in jaxlm.peft.use_adapter(ids)")
-      g = jax.nn.one_hot(ids, self.scale.shape[len(e.stack)])
-    g = _bcast_gates(g, keep_shape)
+    g = bank_gates(x, e, self.scale.shape[len(e.stack)], gates=None, router=self.router)
     letters = e.keep + "".join(c for c in e.stack if c not in e.keep) + axes
     return jnp.einsum(f"{e.keep}{e.n},{e.stack}{e.n}{axes}->{letters}", g.astype(jnp.float32), self.scale.astype(jnp.float32)), letters
 

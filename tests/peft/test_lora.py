@@ -205,10 +205,11 @@ def test_per_target_ranks_and_bad_targets(model_of):
 
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory, model_of):
-  """Two saved LoRA adapters of different ranks (one with DoRA's sibling config) on the MoE model."""
+  """Two saved DoRA adapters of different ranks and scales on the MoE model (attention and expert
+  weights): a bank of them exercises LoRA's rank-N*R product and DoRA's per-adapter column scale."""
   dirs = {}
   for i, rank in enumerate((2, 4)):
-    cfg = PeftConfig(method="lora", rank=rank, alpha=2.0 * (i + 1), targets=(r".*attn/w_(q|v)", r".*experts/w_up"))
+    cfg = PeftConfig(method="dora", rank=rank, alpha=2.0 * (i + 1), targets=(r".*attn/w_(q|v)", r".*experts/w_up"))
     model = randomize(peft.apply(model_of(MODELS["moe"]), cfg), seed=i)
     d = tmp_path_factory.mktemp(f"adapter{i}")
     peft.save_adapter(model, d, cfg, model_cfg=MODELS["moe"])
@@ -228,8 +229,9 @@ def test_adapter_round_trip_and_refusing_another_base(two_adapters, tmp_path, mo
 
 
 def test_per_example_adapters_in_one_batch_equal_each_adapter_alone(two_adapters, model_of):
-  """A bank of two resident adapters (ranks 2 and 4, expert weights included): example b uses
-  adapter ids[b]; each row equals the model with only that adapter loaded."""
+  """A bank of two resident DoRA adapters (ranks 2 and 4, expert weights included: their gates
+  travel with the dispatched rows): example b uses adapter ids[b]; each row equals the model with
+  only that adapter loaded; one active adapter; merging it."""
   model = peft.load_adapters(model_of(MODELS["moe"]), {n: d for n, (d, _) in two_adapters.items()})
   tokens = jnp.concatenate([TOKENS, TOKENS[::-1]])
   ids = jnp.asarray([0, 1, 1, 0], jnp.int32)
@@ -247,14 +249,17 @@ def test_per_example_adapters_in_one_batch_equal_each_adapter_alone(two_adapters
   np.testing.assert_allclose(logits(peft.merge(model)), two_adapters["task1"][1], rtol=1e-5, atol=1e-5)
 
 
-def test_molora_with_identical_experts_equals_one_lora(model_of):
-  """MoLoRA (per-token softmax over N LoRA experts): N copies of one adapter give that adapter."""
-  single = randomize(peft.apply(model_of(BASE), PeftConfig(method="lora", rank=2)))
-  mix = peft.apply(model_of(BASE), PeftConfig(method="lora", rank=2, n_experts=3))
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_mixture_of_identical_experts_equals_one_adapter(method, model_of):
+  """MoLoRA / MoV (a per-token softmax over N LoRA or (IA)^3 experts, Zadouri et al. 2023): N
+  copies of one adapter give that adapter, whatever the router says; the router trains."""
+  cfg = PeftConfig(method=method, rank=2)
+  single = randomize(peft.apply(model_of(BASE), cfg))
+  mix = randomize(peft.apply(model_of(BASE), dataclasses.replace(cfg, n_experts=3)), seed=5)  # random router too
   for (_, s), (_, m) in zip(peft.adapted_modules(single), peft.adapted_modules(mix)):
-    axis = s.n_stack
-    m.a.set_value(jnp.stack([s.a[...]] * 3, axis=axis))
-    m.b.set_value(jnp.stack([s.b[...]] * 3, axis=axis))
+    for name in ("a", "b") if method == "lora" else ("scale",):
+      getattr(m, name).set_value(jnp.stack([getattr(s, name)[...]] * 3, axis=s.n_stack))
+    m.router.set_value(jax.random.normal(jax.random.key(9), m.router.shape))
   np.testing.assert_allclose(logits(mix), logits(single), rtol=1e-5, atol=1e-5)
-  n_t, n_all = peft.trainable_fraction(mix, PeftConfig(method="lora", rank=2, n_experts=3))
-  assert 0 < n_t < n_all
+  trainable = peft.trainable(dataclasses.replace(cfg, n_experts=3))
+  assert all(trainable(p + ("router",), m.router) for p, m in peft.adapted_modules(mix))
