@@ -164,6 +164,14 @@ def test_merge_reproduces_the_adapted_logits(adapted):
   np.testing.assert_allclose(np.asarray(fwd(merged, b)), want, rtol=1e-6, atol=1e-6)
 
 
+def test_adapter_file_round_trip(base, adapted, tmp_path):
+  """The adapter alone (the deltas) with the measured experts: loaded onto the base, same logits."""
+  b = batch(7)
+  peft.save_adapter(adapted, tmp_path, EXP.peft, model_cfg=MODEL, inputs={"experts": CHOSEN})
+  loaded = peft.load_adapter(nnx.clone(base), tmp_path)
+  np.testing.assert_allclose(np.asarray(fwd(loaded, b)), np.asarray(fwd(adapted, b)), rtol=1e-6, atol=1e-6)
+
+
 def test_scanned_equals_unrolled(base, adapted):
   """The same weights and deltas in a scanned model: the same logits; layer 1's padding slot
   (index E) holds garbage that must not matter; merging places every delta like the unrolled."""
