@@ -147,13 +147,10 @@ class ExpertDelta(Adapted):
     dtype = jnp.float32  # trained: float32 master weights, whatever the frozen bank's dtype
     d_shape = shape[:n_scan] + chosen.shape[-1:] + shape[n_scan + 1 :]
     d_axes = names[:n_scan] + (None,) + names[n_scan + 1 :]  # K is not the expert axis: unsharded
-    abstract = isinstance(like, jax.ShapeDtypeStruct)
-    delta = jax.ShapeDtypeStruct(d_shape, dtype) if abstract else np.zeros(d_shape, dtype)  # on the host: no compile
-    idx = jax.ShapeDtypeStruct(chosen.shape, jnp.int32) if abstract else chosen
-    self.delta = new_variable(AdapterParam, delta, d_axes, like)
-    self.chosen = new_variable(AdapterState, idx, names[:n_scan] + (None,), like)
+    self.delta = new_variable(AdapterParam, lambda: np.zeros(d_shape), d_shape, dtype, d_axes, like)  # on the host: no compile
+    self.chosen = new_variable(AdapterState, lambda: chosen, chosen.shape, jnp.int32, names[:n_scan] + (None,), like)
 
-  def adapted(self) -> jax.Array:
+  def adapted(self, *, whole_bank: bool = False) -> jax.Array:
     return _add_rows(self.base[...], self.chosen[...], self.delta[...])
 
   def dense(self, adapter: int | None = None) -> jax.Array:

@@ -16,7 +16,7 @@ are sharded like it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +36,14 @@ class AdapterState(nnx.Variable):
   """Non-trainable adapter state (dropout RNG, caches)."""
 
 
-def new_variable(kind: type[nnx.Variable], value: Any, axes: tuple[str | None, ...], like: Any) -> nnx.Variable:
-  """A variable with logical axes `axes`, placed like `like` (the adapted weight's value): sharded
-  on its mesh by the current rule table, or abstract (ShapeDtypeStruct) when `like` is."""
-  if isinstance(like, jax.ShapeDtypeStruct) or isinstance(value, jax.ShapeDtypeStruct):
-    value = jax.ShapeDtypeStruct(value.shape, value.dtype)
+def new_variable(kind: type[nnx.Variable], init: Callable[[], Any], shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...], like: Any) -> nnx.Variable:
+  """A variable of `shape` and `dtype` with logical axes `axes`, made like `like` (the adapted
+  weight's value): abstract (a ShapeDtypeStruct; `init` not called) when `like` is, else `init()`
+  placed on like's mesh, sharded by the current rule table."""
+  if isinstance(like, jax.ShapeDtypeStruct):
+    value = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
   else:
-    value = jnp.asarray(value)
+    value = jnp.asarray(init(), dtype)
     mesh = getattr(getattr(like, "sharding", None), "mesh", None)
     if isinstance(mesh, jax.sharding.Mesh) and not mesh.empty:
       spec = sharding.spec(axes, value.shape, dict(mesh.shape))
@@ -54,17 +55,6 @@ def host_rng(key: jax.Array) -> np.random.Generator:
   """A numpy generator seeded from a jax key: adapters are initialised on the host (no compile
   per new shape) and then placed like their weight."""
   return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-
-
-def _abstract(like: Any) -> bool:
-  return isinstance(like, jax.ShapeDtypeStruct)
-
-
-def _init(like: Any, fn, shape: tuple[int, ...], dtype) -> Any:
-  """fn() materialised, or its ShapeDtypeStruct for an abstract model."""
-  if _abstract(like):
-    return jax.ShapeDtypeStruct(shape, dtype)
-  return fn()
 
 
 class Adapted(nnx.Module):
@@ -108,7 +98,8 @@ class Adapted(nnx.Module):
       return self.base[...]
     return self.adapted()
 
-  def adapted(self) -> Any:
+  def adapted(self, *, whole_bank: bool = False) -> Any:
+    """The adapted weight (`whole_bank`: every adapter of a bank, not only the active one)."""
     raise NotImplementedError
 
   def dense(self, adapter: int | None = None) -> jax.Array:
@@ -116,15 +107,13 @@ class Adapted(nnx.Module):
     return self.adapted_for_merge().dense(adapter)
 
   def adapted_for_merge(self) -> Any:
+    """The whole adapted weight without dropout (merging reads every adapter of a bank)."""
     was = self.deterministic
     self.deterministic = True
     try:
-      return self.adapted_all()
+      return self.adapted(whole_bank=True)
     finally:
       self.deterministic = was
-
-  def adapted_all(self) -> Any:
-    return self.adapted()
 
 
 # -- LoRA / DoRA ------------------------------------------------------------------------------
@@ -158,9 +147,9 @@ class LoRA(Adapted):
     k_a, k_r, k_d = jax.random.split(key, 3)
     bound = 1.0 / math.sqrt(math.prod(fan_in))  # kaiming-uniform(a=sqrt(5)), the usual LoRA init of A
     a_shape = stack + nb + fan_in + (rank,)
-    self.a = new_variable(AdapterParam, _init(like, lambda: host_rng(k_a).uniform(-bound, bound, a_shape).astype(dtype), a_shape, dtype), s_ax + nb_ax + i_ax + ("lora_rank",), like)
+    self.a = new_variable(AdapterParam, lambda: host_rng(k_a).uniform(-bound, bound, a_shape), a_shape, dtype, s_ax + nb_ax + i_ax + ("lora_rank",), like)
     b_shape = stack + nb + (rank,) + fan_out
-    self.b = new_variable(AdapterParam, _init(like, lambda: np.zeros(b_shape, dtype), b_shape, dtype), s_ax + nb_ax + ("lora_rank",) + o_ax, like)
+    self.b = new_variable(AdapterParam, lambda: np.zeros(b_shape), b_shape, dtype, s_ax + nb_ax + ("lora_rank",) + o_ax, like)
     self.bank = bank
     self.names = tuple(names)
     self.scales = tuple(float(x) for x in scale) if isinstance(scale, (tuple, list)) else (float(scale),) * max(bank, 1)
@@ -175,23 +164,23 @@ class LoRA(Adapted):
         n = jnp.sqrt(jnp.sum(jnp.square(like.astype(jnp.float32)), axis=fan_in_axes))
         return jnp.broadcast_to(jnp.expand_dims(n, len(stack)) if bank else n, m_shape)
 
-      self.magnitude = new_variable(AdapterParam, _init(like, norm, m_shape, jnp.float32), s_ax + nb_ax + o_ax, like)
+      self.magnitude = new_variable(AdapterParam, norm, m_shape, jnp.float32, s_ax + nb_ax + o_ax, like)
     else:
       self.magnitude = None
     if router is not None:
       scan = stack[: self.n_scan]
       r_shape = scan + ((bank,) + fan_in if router != "softmax" else fan_in + (bank,))
       r_axes = s_ax[: self.n_scan] + ((None,) + i_ax if router != "softmax" else i_ax + (None,))
-      init = lambda: (host_rng(k_r).normal(0.0, 0.02, r_shape) if router == "softmax" else np.zeros(r_shape)).astype(np.float32)
-      self.router = new_variable(AdapterParam, _init(like, init, r_shape, jnp.float32), r_axes, like)
+      init = lambda: host_rng(k_r).normal(0.0, 0.02, r_shape) if router == "softmax" else np.zeros(r_shape)
+      self.router = new_variable(AdapterParam, init, r_shape, jnp.float32, r_axes, like)
     else:
       self.router = None
     if dropout > 0:
       scan = stack[: self.n_scan]
       keys = jax.random.split(k_d, math.prod(scan)) if scan else k_d
-      kd = _init(like, lambda: jax.random.key_data(keys).reshape(scan + (-1,)), scan + (2,), jnp.uint32)
-      self.dropout_key = new_variable(AdapterState, kd, (None,) * (len(scan) + 1), like)
-      self.dropout_step = new_variable(AdapterState, _init(like, lambda: jnp.zeros(scan + (1,), jnp.uint32), scan + (1,), jnp.uint32), (None,) * (len(scan) + 1), like)
+      axes = (None,) * (len(scan) + 1)
+      self.dropout_key = new_variable(AdapterState, lambda: jax.random.key_data(keys).reshape(scan + (-1,)), scan + (2,), jnp.uint32, axes, like)
+      self.dropout_step = new_variable(AdapterState, lambda: np.zeros(scan + (1,)), scan + (1,), jnp.uint32, axes, like)
     else:
       self.dropout_key = self.dropout_step = None
 
@@ -224,9 +213,6 @@ class LoRA(Adapted):
     col = None if m is None else dora_column_scale(base, a, b, scale, m, n_in=self.n_in, bank=bank)
     return LoRAWeight(base, a, b, scale, col, router, None, self._dropout_key(), n_in=self.n_in, bank=bank, dropout=self.dropout)
 
-  def adapted_all(self) -> LoRAWeight:
-    return self.adapted(whole_bank=True)
-
 
 # -- (IA)^3 -----------------------------------------------------------------------------------
 
@@ -243,7 +229,7 @@ class IA3(Adapted):
     dims, d_ax = (fan_out, o_ax) if side == "out" else (fan_in, i_ax)
     nb, nb_ax = ((bank,), (None,)) if bank else ((), ())
     shape = stack + nb + dims
-    self.scale = new_variable(AdapterParam, _init(like, lambda: jnp.ones(shape, jnp.float32), shape, jnp.float32), s_ax + nb_ax + d_ax, like)
+    self.scale = new_variable(AdapterParam, lambda: np.ones(shape), shape, jnp.float32, s_ax + nb_ax + d_ax, like)
     self.side = side
     self.bank = bank
     self.names = tuple(names)
@@ -253,7 +239,7 @@ class IA3(Adapted):
     if router is not None:
       scan = stack[: self.n_scan]
       r_shape = scan + fan_in + (bank,)
-      self.router = new_variable(AdapterParam, _init(like, lambda: host_rng(key).normal(0.0, 0.02, r_shape).astype(np.float32), r_shape, jnp.float32), s_ax[: self.n_scan] + i_ax + (None,), like)
+      self.router = new_variable(AdapterParam, lambda: host_rng(key).normal(0.0, 0.02, r_shape), r_shape, jnp.float32, s_ax[: self.n_scan] + i_ax + (None,), like)
     else:
       self.router = None
 
@@ -264,11 +250,3 @@ class IA3(Adapted):
     if bank and router is None and self.active is not None and current_adapter_ids() is None and not whole_bank:
       l, bank = jnp.take(l, self.active, axis=self.n_stack), False
     return IA3Weight(self.base[...], l, router, n_in=self.n_in, n_out=self.n_out, side=self.side, bank=bank)
-
-  def adapted_all(self) -> IA3Weight:
-    return self.adapted(whole_bank=True)
-
-
-def np_value(v: nnx.Variable) -> np.ndarray:
-  """A variable's value on the host (gathered from every device)."""
-  return np.asarray(jax.device_get(v.get_value()))

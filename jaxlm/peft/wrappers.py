@@ -64,11 +64,6 @@ class Wrapper(nnx.Module):
   """Base of the wrappers (prompt tuning, bottleneck adapters): not mergeable."""
 
 
-def _value(like: Any, fn: Callable[[], jax.Array], shape: tuple[int, ...], dtype: Any) -> Any:
-  """fn() materialised, or its ShapeDtypeStruct when the model is abstract."""
-  return jax.ShapeDtypeStruct(shape, dtype) if isinstance(like, jax.ShapeDtypeStruct) else fn()
-
-
 # -- prompt tuning ----------------------------------------------------------------------------
 
 
@@ -89,7 +84,7 @@ class PromptTuning(Wrapper):
       rows = host_rng(key).choice(vocab, prompt_len, replace=prompt_len > vocab)
       return jnp.take(like, jnp.asarray(rows), axis=0).astype(jnp.float32)
 
-    self.prompt = new_variable(AdapterParam, _value(like, init, (prompt_len, d), jnp.float32), (None, "embed"), like)
+    self.prompt = new_variable(AdapterParam, init, (prompt_len, d), jnp.float32, (None, "embed"), like)
 
   @property
   def cfg(self):
@@ -173,11 +168,11 @@ class Bottleneck(Wrapper):
     k_down, k_router = jax.random.split(key)
     down, up = stack + nb + (d_model, width), stack + nb + (width, d_model)
     init_down = lambda: (host_rng(k_down).normal(0.0, 1.0, down) / math.sqrt(d_model)).astype(dtype)
-    self.down = new_variable(AdapterParam, _value(like, init_down, down, dtype), s_ax + nb_ax + ("embed", "lora_rank"), like)
-    self.up = new_variable(AdapterParam, _value(like, lambda: np.zeros(up, dtype), up, dtype), s_ax + nb_ax + ("lora_rank", "embed"), like)
+    self.down = new_variable(AdapterParam, init_down, down, dtype, s_ax + nb_ax + ("embed", "lora_rank"), like)
+    self.up = new_variable(AdapterParam, lambda: np.zeros(up, dtype), up, dtype, s_ax + nb_ax + ("lora_rank", "embed"), like)
     r = stack + (d_model, n_experts)
     init_router = lambda: host_rng(k_router).normal(0.0, 0.02, r).astype(np.float32)
-    self.router = new_variable(AdapterParam, _value(like, init_router, r, jnp.float32), s_ax + ("embed", None), like) if n_experts else None
+    self.router = new_variable(AdapterParam, init_router, r, jnp.float32, s_ax + ("embed", None), like) if n_experts else None
     self.n_experts = n_experts
 
   def adapt(self, h_bld: jax.Array, x_bld: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
