@@ -17,7 +17,7 @@ from jaxlm.train import loop
 EXP = Experiment(
     name="peft_step_test",
     mesh=MeshConfig(data=2, fsdp=2, expert=2),
-    model=ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32", ffn="moe", moe=MoEConfig(n_experts=4, top_k=2)),
+    model=ModelConfig(vocab_size=384, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32", ffn="moe", moe=MoEConfig(n_experts=4, top_k=2)),
     data=DataConfig(seq_len=16, batch_size=8),
     optim=OptimConfig(lr=1e-2, warmup_steps=1),
     train=TrainConfig(steps=10),
