@@ -76,7 +76,7 @@ def _lora(dora: bool) -> Callable[..., nnx.Module]:
       alpha = tg.first_match(cfg.alpha_pattern, name, cfg.alpha)
       tg.check_rank(name, var, rank)
       n = tg.n_scan(path)
-      if cfg.n_experts and var.ndim - n > len(var.get_metadata()["fan_in"]) + (-var.get_metadata()["fan_in"][-1] - 1):
+      if cfg.n_experts and tg.n_stack(var) > n:
         raise ConfigError(f"peft.n_experts: a mixture of LoRA experts needs a dense weight, but {name} is a bank of routed experts")
       module = LoRA(
           var,

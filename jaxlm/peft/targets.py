@@ -96,13 +96,17 @@ def first_match(patterns: dict[str, Any], path: str, default: Any) -> Any:
   return default
 
 
+def n_stack(variable: nnx.Param) -> int:
+  """Stack axes of a linear weight (scanned layers, experts): those before its fan-in axes."""
+  return len(variable.shape) + min(fan_in_of(variable))
+
+
 def check_rank(path: str, variable: nnx.Param, rank: int) -> None:
   """A rank must not exceed the adapted weight's fan-in or fan-out size."""
   fan_in = fan_in_of(variable)
   shape = tuple(variable.shape)
   n_out = -fan_in[-1] - 1
-  n_in = len(fan_in)
-  size_in = math.prod(shape[len(shape) - n_out - n_in : len(shape) - n_out])
+  size_in = math.prod(shape[len(shape) - n_out - len(fan_in) : len(shape) - n_out])
   size_out = math.prod(shape[len(shape) - n_out :])
   if rank > min(size_in, size_out):
     raise ConfigError(f"peft: rank {rank} is larger than the adapted dimensions of {path} ({size_in} in, {size_out} out)")
