@@ -78,6 +78,8 @@ class MoEConfig:
   top_k: int = 2  # experts per token (expert_choice: average experts per token)
   d_ff_expert: int = 0  # hidden size of each expert (0: model.d_ff); small values = fine-grained experts
   n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each of size d_ff_expert
+  d_ff_shared: int = 0  # hidden width of the shared experts together (0: n_shared_experts * d_ff_expert; Qwen2-MoE sets its own)
+  shared_gate: bool = False  # Qwen2-MoE: scale the shared experts' output by sigmoid(x w_shared_gate), w_shared_gate [D, 1]
   router: str = "softmax_topk"  # routing function: softmax_topk, sigmoid_bias (DeepSeek-V3) or expert_choice
   renormalize: bool = True  # renormalise the k chosen weights to sum to 1
   route_scale: float = 1.0  # multiplier of the combine weights (DeepSeek-V3: 2.5)
@@ -97,6 +99,8 @@ class MoEConfig:
     _check(1 <= self.top_k <= self.n_experts, f"model.moe.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
     _check(self.d_ff_expert >= 0, "model.moe.d_ff_expert must be >= 0")
     _check(self.n_shared_experts >= 0, "model.moe.n_shared_experts must be >= 0")
+    _check(self.d_ff_shared >= 0, f"model.moe.d_ff_shared must be >= 0, got {self.d_ff_shared}")
+    _check(not (self.d_ff_shared or self.shared_gate) or self.n_shared_experts >= 1, "model.moe.d_ff_shared and model.moe.shared_gate need model.moe.n_shared_experts >= 1")
     routers = ("softmax_topk", "sigmoid_bias", "expert_choice")
     _check(self.router in routers, f"model.moe.router must be one of {routers}, got {self.router!r}")
     _check(self.route_scale > 0, f"model.moe.route_scale must be > 0, got {self.route_scale}")
@@ -155,6 +159,46 @@ class SoftMoEConfig:
     )
 
 
+QK_NORMS = ("none", "head", "proj")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Variants of self-attention that the Hugging Face families use (jaxlm.layers.attention)."""
+
+  qkv_bias: bool = False  # a learned bias on the q, k and v projections (Qwen2, Qwen2-MoE)
+  qk_norm: str = "none"  # RMSNorm of queries and keys before RoPE: none, head (over each head's K: Qwen3), proj (over the whole projection before the head split: OLMoE)
+  clip_qkv: float = 0.0  # clamp the q, k, v projections to [-c, c] (OLMoE; 0: off)
+  sliding_window: int = 0  # a query sees only keys fewer than this many positions back (Mistral; 0: all earlier keys)
+
+  def __post_init__(self):
+    _check(self.qk_norm in QK_NORMS, f"model.attention.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+    _check(self.clip_qkv >= 0, f"model.attention.clip_qkv must be >= 0, got {self.clip_qkv}")
+    _check(self.sliding_window >= 0, f"model.attention.sliding_window must be >= 0, got {self.sliding_window}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+  """Rescaling of the RoPE frequencies for long contexts (jaxlm.layers.rope registry)."""
+
+  kind: str = "none"  # none, linear (positions / factor), llama3 (Llama 3.1's per-frequency interpolation)
+  factor: float = 1.0  # context extension factor
+  low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / low_freq_factor are divided by factor
+  high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / high_freq_factor are kept
+  original_max_len: int = 8192  # llama3: the context length the model was pre-trained with
+
+  def __post_init__(self):
+    _check(self.kind in ROPE_SCALINGS, f"model.rope_scaling.kind must be one of {ROPE_SCALINGS}, got {self.kind!r}")
+    _check(self.factor > 0, f"model.rope_scaling.factor must be > 0, got {self.factor}")
+    if self.kind == "llama3":
+      _check(
+          0 < self.low_freq_factor < self.high_freq_factor,
+          f"model.rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor}, {self.high_freq_factor}",
+      )
+      _check(self.original_max_len >= 1, f"model.rope_scaling.original_max_len must be >= 1, got {self.original_max_len}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Llama-style decoder; the FFN of every layer comes from the FFN registry."""
@@ -170,6 +214,8 @@ class ModelConfig:
   first_k_dense: int = 0  # the first k layers use the dense MLP whatever `ffn` is (DeepSeek)
   ffn_every: int = 1  # after those, every n-th layer uses `ffn`, the others dense (Switch: 2)
   rope_theta: float = 10_000.0  # RoPE base frequency
+  rope_scaling: RopeScalingConfig = RopeScalingConfig()  # long-context rescaling of the RoPE frequencies
+  attention: AttentionConfig = AttentionConfig()  # attention variants (biases, q/k norms, sliding window)
   norm_eps: float = 1e-5  # RMSNorm epsilon
   tie_embeddings: bool = True  # share the embedding matrix with the output head
   dtype: str = "bfloat16"  # compute dtype of activations and matmuls
