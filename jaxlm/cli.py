@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
   i.add_argument("--json", action="store_true", help="print the report as JSON")
   i.add_argument("--topology", help="also compile the train step for this TPU topology, e.g. v5p:4x4x2 (needs libtpu)")
 
-  c = sub.add_parser("convert", help="turn a trained run into the start of another kind of model")
+  c = sub.add_parser("convert", help="turn a run into the start of another kind of model, or to and from Hugging Face checkpoints")
   conv = c.add_subparsers(dest="conversion", required=True, parser_class=_Parser)
   u = conv.add_parser("upcycle", help="start an MoE run from a dense run: every expert a copy of its layer's MLP, fresh routers")
   u.add_argument("dense_run", help="run directory of the trained dense model")
@@ -66,6 +66,17 @@ def parser() -> argparse.ArgumentParser:
   u.add_argument("--run-dir", required=True, help="new run directory, written at step 0; continue with `jaxlm train EXPERIMENT --run-dir`")
   u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   u.add_argument("--step", type=int, default=None, help="dense checkpoint step (default: latest)")
+  hi = conv.add_parser("hf-import", help="a Hugging Face model directory (config.json + safetensors) as a jaxlm run at step 0")
+  hi.add_argument("src", help="HF model directory: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe or olmoe")
+  hi.add_argument("dst", help="new run directory")
+  hi.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="run settings, e.g. model.dtype=bfloat16")
+  he = conv.add_parser("hf-export", help="a run's model (adapters merged) as a Hugging Face model directory")
+  he.add_argument("run_dir")
+  he.add_argument("dst", help="new directory (config.json + safetensors shards)")
+  he.add_argument("--model-type", default=None, help="HF family to write (default: the first that holds the model)")
+  he.add_argument("--fused-experts", action="store_true", help="experts as fused gate_up_proj / down_proj (transformers 5) instead of per-expert names")
+  he.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype (default: the model's param_dtype)")
+  he.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
   m = sub.add_parser("merge", help="merge a run's adapters into its base, or several fine-tuned runs into one model")
   m.add_argument("runs", nargs="+", help="run directories (adapter runs or full fine-tunes of one base model)")
@@ -154,6 +165,19 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
+  if args.conversion == "hf-import":
+    from jaxlm.interop.hf.runs import import_run
+
+    info = import_run(args.src, args.dst, args.overrides)
+    print(f"imported {info['model_type']} from {info['src']} into {info['run_dir']} at step 0 (tokenizer: {info['tokenizer']})")
+    return 0
+  if args.conversion == "hf-export":
+    from jaxlm.interop.hf.runs import export_run
+
+    info = export_run(args.run_dir, args.dst, model_type=args.model_type, fused_experts=args.fused_experts, dtype=args.dtype, step=args.step)
+    note = "" if info["tokenizer"] == "hf" else f" (the run's {info['tokenizer']} tokenizer has no tokenizer.json; none was written)"
+    print(f"exported {info['run_dir']} (step {info['step']}) as {info['model_type']} to {info['out']}{note}")
+    return 0
   from jaxlm import experiments
   from jaxlm.models.upcycle import upcycle_run
 

@@ -68,7 +68,9 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> Experiment:
   exp = fn()
   if not isinstance(exp, Experiment):
     raise ConfigError(f"{path}:{fn_name}() returned {type(exp).__name__}, not an Experiment")
-  return apply_overrides(exp, overrides)
+  from jaxlm.interop import hf
+
+  return hf.resolve_experiment(apply_overrides(exp, overrides))
 
 
 def apply_overrides(cfg: Any, overrides: Iterable[str]) -> Any:

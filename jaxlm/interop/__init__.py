@@ -1,0 +1,1 @@
+"""Interop with other ecosystems (Hugging Face checkpoints, tokenizers, PEFT adapters)."""
