@@ -276,8 +276,9 @@ class DataConfig:
   mixture: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"stdlib_prose": 0.5, "stdlib_code": 0.5})  # {source: weight}
   seq_len: int = 256  # tokens per packed sequence
   batch_size: int = 16  # global batch in sequences (per optimizer step, before gradient accumulation split)
-  tokenizer: str = "byte"  # "byte" or "sentencepiece"
+  tokenizer: str = "byte"  # tokenizer kind (jaxlm.data.tokenizers registry): byte, sentencepiece or hf
   sp_model: str = ""  # sentencepiece .model file; empty: train one on the training data into the run dir
+  tokenizer_path: str = ""  # hf: a tokenizer.json or a Hugging Face model directory holding one, special tokens from the JSON files beside it (empty: init_from, when that is an HF model directory)
   sp_vocab_size: int = 1024  # vocabulary of a sentencepiece model trained on the data
   add_bos: bool = True  # prepend BOS to every document
   shuffle: bool = True  # shuffle documents (deterministically, from train.seed)
@@ -292,13 +293,14 @@ class DataConfig:
     _check(sum(self.mixture.values()) > 0, "data.mixture weights must not all be 0")
     _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
     _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-    _check(self.tokenizer in ("byte", "sentencepiece"), f"data.tokenizer must be 'byte' or 'sentencepiece', got {self.tokenizer!r}")
-    _check(self.sp_vocab_size >= 320, f"data.sp_vocab_size must be >= 320 (256 byte-fallback pieces + specials + characters), got {self.sp_vocab_size}")
+    from jaxlm.data.tokenizers import TOKENIZERS
+
+    TOKENIZERS.get(self.tokenizer).validate(self)
     _check(self.similarity in ("none", "exact", "lsh", "auto"), f"data.similarity must be none, exact, lsh or auto, got {self.similarity!r}")
     _check(self.similarity_neighbors >= 1, f"data.similarity_neighbors must be >= 1, got {self.similarity_neighbors}")
 
   def __hash__(self):  # mixture is a dict; hash by value so configs can be compared and cached
-    return hash((tuple(sorted(self.mixture.items())), self.seq_len, self.batch_size, self.tokenizer, self.sp_model))
+    return hash((tuple(sorted(self.mixture.items())), self.seq_len, self.batch_size, self.tokenizer, self.sp_model, self.tokenizer_path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,18 +443,10 @@ class Experiment:
         self.data.batch_size % self.train.grad_accum == 0,
         f"data.batch_size ({self.data.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})",
     )
-    if self.data.tokenizer == "byte":
-      from jaxlm.data.tokenizers import ByteTokenizer
+    from jaxlm.data.tokenizers import TOKENIZERS
 
-      _check(
-          self.model.vocab_size >= ByteTokenizer.VOCAB_SIZE,
-          f"model.vocab_size ({self.model.vocab_size}) is smaller than the byte tokenizer's {ByteTokenizer.VOCAB_SIZE}",
-      )
-    elif not self.data.sp_model:
-      _check(
-          self.model.vocab_size >= self.data.sp_vocab_size,
-          f"model.vocab_size ({self.model.vocab_size}) is smaller than data.sp_vocab_size ({self.data.sp_vocab_size})",
-      )
+    n = TOKENIZERS.get(self.data.tokenizer).planned_vocab_size(self.data)  # None: known once its file is read (run.tokenizer_for)
+    _check(n is None or self.model.vocab_size >= n, f"model.vocab_size ({self.model.vocab_size}) is smaller than the {n} tokens of data.tokenizer={self.data.tokenizer!r}")
     if "soft_moe" in self.model.ffn_kinds and self.model.soft_moe.granularity == "segment":
       t = self.model.soft_moe.segment_len
       _check(self.data.seq_len % t == 0, f"data.seq_len ({self.data.seq_len}) must be a multiple of model.soft_moe.segment_len ({t})")

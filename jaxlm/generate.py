@@ -58,8 +58,8 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, cfg: SamplingConfig) -> 
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cfg", "n_allowed", "eos_id", "pad_id"))
-def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_allowed: int, eos_id: int, pad_id: int):
+@partial(jax.jit, static_argnames=("graphdef", "cfg", "n_allowed", "stop_ids", "banned", "pad_id"))
+def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_allowed: int, stop_ids: tuple[int, ...], banned: tuple[int, ...], pad_id: int):
   model = nnx.merge(graphdef, state)
   model.eval()
   # The loop body rebuilds the model (fresh variables, `copy=True`): variables of this trace
@@ -74,9 +74,9 @@ def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_a
   cache = _set_index(cache, model.cache_offset + lengths_b)
   vocab = logits.shape[-1]
   ids = jnp.arange(vocab)
-  # Only the tokenizer's real tokens (embedding rows past its vocabulary are padding), and of
-  # the special ids only EOS: a sample never emits pad or BOS.
-  allowed = ((ids < n_allowed) & (ids > 2)) | (ids == eos_id)
+  # Only the tokenizer's real tokens (embedding rows past its vocabulary are padding), never a
+  # banned one (the tokenizer's pad and BOS).
+  allowed = (ids < n_allowed) & ~jnp.isin(ids, jnp.asarray(banned, jnp.int32))
 
   def restrict(lg):
     return jnp.where(allowed[None, :], lg.astype(jnp.float32), -jnp.inf)
@@ -91,7 +91,7 @@ def _generate(graphdef, state, tokens_bp, lengths_b, *, cfg: SamplingConfig, n_a
     tok = sample_logits(restrict(last), sub, cfg)
     tok = jnp.where(done, pad_id, tok)
     out = out.at[:, i].set(tok)
-    done = done | (tok == eos_id)
+    done = done | jnp.isin(tok, jnp.asarray(stop_ids, jnp.int32))
     logits, cache = nnx.merge(graphdef, state, copy=True).decode(tok[:, None], cache)
     return out, logits[:, 0], cache, done, key
 
@@ -110,26 +110,48 @@ def _set_index(cache, index_b):
   return jax.tree.map(fix, cache, is_leaf=lambda c: isinstance(c, KVCache))
 
 
-def generate_tokens(model: nnx.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, n_allowed: int, eos_id: int, pad_id: int = 0) -> list[list[int]]:
-  """Continuations (token ids, cut at EOS) of every prompt."""
+def generate_tokens(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    *,
+    n_allowed: int,
+    eos_id: int | Sequence[int],
+    pad_id: int | None = None,
+    banned: Sequence[int] = (),
+) -> list[list[int]]:
+  """Continuations (token ids, cut before the first end id) of every prompt.
+
+  `eos_id`: the id, or ids, that end a continuation; sampled ids are below `n_allowed` (the
+  tokenizer's vocabulary) and never in `banned`; `pad_id` (default: the first end id) fills the
+  prompts' right padding (masked) and the rows that ended.
+  """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ConfigError("every prompt needs at least one token")
+  stop_ids = (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(i) for i in eos_id)
+  if not stop_ids:
+    raise ConfigError("generation needs at least one end id (eos_id)")
+  pad_id = stop_ids[0] if pad_id is None else int(pad_id)
+  banned = tuple(sorted({int(i) for i in banned} - set(stop_ids)))
   prompt_len = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, : len(p)] = p
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   graphdef, state = nnx.split(model)
-  out = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg, n_allowed=n_allowed, eos_id=eos_id, pad_id=pad_id))
+  out = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg, n_allowed=n_allowed, stop_ids=stop_ids, banned=banned, pad_id=pad_id))
   result = []
-  for row in out:
-    row = row.tolist()
-    result.append(row[: row.index(eos_id)] if eos_id in row else row)
+  for row in out.tolist():
+    end = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+    result.append(row[:end])
   return result
 
 
 def generate_text(model: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(), *, add_bos: bool = True) -> list[str]:
-  """Decoded continuations of text prompts."""
-  encoded = [([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(p) for p in prompts]
-  outs = generate_tokens(model, encoded, cfg, n_allowed=tokenizer.vocab_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  """Decoded continuations of text prompts, with the tokenizer's special ids: BOS in front (when
+  `add_bos` and it has one), generation ends at its stop ids and never samples its pad or BOS."""
+  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+  encoded = [bos + tokenizer.encode(p) for p in prompts]
+  banned = [i for i in (tokenizer.pad_id, tokenizer.bos_id) if i is not None]
+  outs = generate_tokens(model, encoded, cfg, n_allowed=tokenizer.vocab_size, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id, banned=banned)
   return [tokenizer.decode(o) for o in outs]

@@ -1,4 +1,7 @@
-"""Generation: the KV-cache loop equals recomputing the whole sequence; batching changes nothing."""
+"""Generation: the KV-cache loop equals recomputing the whole sequence; batching changes nothing;
+the tokenizer's own special ids (not 0/1/2) end continuations and are never sampled."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,8 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.generate import SamplingConfig, generate_tokens, sample_logits
+from jaxlm.data.tokenizers import ByteTokenizer
+from jaxlm.generate import SamplingConfig, generate_text, generate_tokens, sample_logits
 from jaxlm.models import Transformer
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, dtype="float32")
@@ -20,15 +24,15 @@ def model():
   return Transformer(CFG, rngs=nnx.Rngs(0))
 
 
-def greedy_without_cache(model, prompt, n, n_allowed):
+def greedy_without_cache(model, prompt, n, n_allowed, *, stop=(EOS,), banned=(0, 1)):
   fwd = nnx.jit(lambda m, x: m(x)[0])
   seq = list(prompt)
   for _ in range(n):
     logits = np.array(fwd(model, jnp.asarray([seq])))[0, -1]
     logits[n_allowed:] = -np.inf
-    logits[[0, 1]] = -np.inf  # never pad or BOS
+    logits[list(banned)] = -np.inf  # never pad or BOS
     tok = int(np.argmax(logits))
-    if tok == EOS:
+    if tok in stop:
       break
     seq.append(tok)
   return seq[len(prompt) :]
@@ -36,7 +40,7 @@ def greedy_without_cache(model, prompt, n, n_allowed):
 
 def test_greedy_cache_decoding_equals_full_recompute(model):
   prompt = [1, 17, 33, 5]
-  got = generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=10), n_allowed=60, eos_id=EOS)[0]
+  got = generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=10), n_allowed=60, eos_id=EOS, banned=(0, 1))[0]
   assert got == greedy_without_cache(model, prompt, 10, 60)
 
 
@@ -87,3 +91,43 @@ def test_bad_sampling_settings():
     SamplingConfig(top_p=0)
   with pytest.raises(ConfigError, match="temperature"):
     SamplingConfig(temperature=-1)
+
+
+class Numbers:
+  """A tokenizer of space-separated ids whose special ids are not 0/1/2."""
+
+  vocab_size, bos_id, pad_id = 60, 5, 7
+
+  def __init__(self, stop_ids):
+    self.eos_id, self.stop_ids = stop_ids[0], tuple(stop_ids)
+
+  def encode(self, text):
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids):
+    return " ".join(map(str, ids))
+
+
+def test_generation_ends_at_the_tokenizers_stop_ids(model):
+  """A sampled continuation of [BOS=5] 9 17 that reaches no end id (62 is never sampled) is cut
+  before its k-th token once that token is the tokenizer's EOS, or another of its stop ids: the
+  same seed draws the same tokens until then."""
+  prompt, n = [Numbers.bos_id, 9, 17], 8
+  cfg = SamplingConfig(max_new_tokens=n, temperature=1.0, seed=0)
+  free = generate_tokens(model, [prompt], cfg, n_allowed=60, eos_id=62, banned=(5, 7))[0]
+  assert len(free) == n and not {5, 7} & set(free)
+  k = next(j for j in range(2, n) if free[j] not in free[:j] and free[j] not in (0, 1, 2))
+  assert generate_text(model, Numbers([free[k]]), ["9 17"], cfg) == [" ".join(map(str, free[:k]))]
+  assert generate_text(model, Numbers([61, free[k]]), ["9 17"], cfg) == [" ".join(map(str, free[:k]))]
+  assert generate_tokens(model, [prompt], cfg, n_allowed=60, eos_id=[free[k], 62], banned=(5, 7)) == [free[:k]]
+
+
+def test_byte_tokenizer_generates_as_before():
+  """Byte runs: pad 0 and BOS 1 are never sampled, EOS 2 ends (the former fixed ids)."""
+  cfg = dataclasses.replace(CFG, vocab_size=384)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tok, n = ByteTokenizer(), 6
+  prompt = [tok.bos_id] + tok.encode("ab")
+  want = greedy_without_cache(model, prompt, n, tok.vocab_size, stop=(2,), banned=(0, 1))
+  assert generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=n), n_allowed=tok.vocab_size, eos_id=tok.stop_ids, pad_id=0, banned=(0, 1)) == [want]
+  assert generate_text(model, tok, ["ab"], SamplingConfig(max_new_tokens=n)) == [tok.decode(want)]

@@ -2,12 +2,13 @@
 
 Each source is a random-access list of documents; documents are shuffled (reshuffled every
 epoch, or ordered by similarity chains with `data.similarity`), repeated forever and tokenized
-as [BOS] text [EOS]. Every JAX process keeps every `process_count`-th document, so hosts read
-disjoint data. Packing concatenates a source's documents and splits at `seq_len` (grain's
-ConcatThenSplit), recording for every token its document (`segment_ids`, from 1) and its
-position in that document; nothing is padded in training. `IterDataset.mix` then interleaves
-the sources' packed rows by their weights: the weights are shares of tokens (rows hold the same
-number of tokens), whatever the documents' lengths, and every row holds one source.
+as [BOS] text [EOS] (the tokenizer's special ids). Every JAX process keeps every
+`process_count`-th document, so hosts read disjoint data. Packing concatenates a source's
+documents and splits at `seq_len` (grain's ConcatThenSplit), recording for every token its
+document (`segment_ids`, from 1; 0 would be padding) and its position in that document; nothing
+is padded in training. `IterDataset.mix` then interleaves the sources' packed rows by their
+weights: the weights are shares of tokens (rows hold the same number of tokens), whatever the
+documents' lengths, and every row holds one source.
 
 A batch is a dict of int32 numpy arrays [local_batch, seq_len]: inputs, targets, segment_ids,
 positions and loss_mask (1 where the target is a real next token). The whole pipeline is
@@ -30,10 +31,11 @@ Batch = dict[str, np.ndarray]
 
 
 class Tokenize:
-  """text -> {"inputs": tokens[:-1], "targets": tokens[1:]} with tokens = [BOS] text [EOS]."""
+  """text -> {"inputs": tokens[:-1], "targets": tokens[1:]} with tokens = [BOS] text [EOS], the
+  tokenizer's own special ids (no BOS when it has none)."""
 
   def __init__(self, tokenizer: Tokenizer, add_bos: bool = True):
-    self.tokenizer, self.add_bos = tokenizer, add_bos
+    self.tokenizer, self.add_bos = tokenizer, add_bos and tokenizer.bos_id is not None
 
   def __call__(self, text: str) -> dict[str, np.ndarray]:
     tok = self.tokenizer

@@ -21,13 +21,14 @@ from flax import nnx
 
 from jaxlm import peft, sharding
 from jaxlm.config import Experiment, MeshConfig, from_dict, to_dict
-from jaxlm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from jaxlm.data import tokenizers
+from jaxlm.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from jaxlm.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 INIT_FILE = "init_from.json"
 PEFT_INPUTS_FILE = "peft_inputs.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = SentencePieceTokenizer.RUN_FILE
 CHECKPOINTS = "checkpoints"
 
 
@@ -60,27 +61,13 @@ def check_resumable(saved: Experiment, new: Experiment) -> None:
 
 
 def tokenizer_for(exp: Experiment, run_dir: Path | None, *, train_if_missing: bool = True) -> Tokenizer:
-  """The run's tokenizer: bytes, a given sentencepiece model, or one trained into the run dir."""
-  data = exp.data
-  if data.tokenizer == "byte":
-    return ByteTokenizer()
-  if data.sp_model:
-    tok = SentencePieceTokenizer(data.sp_model)
-  else:
-    path = None if run_dir is None else run_dir / TOKENIZER_FILE
-    if path is not None and path.is_file():
-      tok = SentencePieceTokenizer(path)
-    elif not train_if_missing or path is None:
-      raise ConfigError(f"no sentencepiece model: set data.sp_model (no {TOKENIZER_FILE} in {run_dir})")
-    else:
-      if jax.process_count() > 1:
-        raise ConfigError("multi-host runs need a pre-trained tokenizer: set data.sp_model")
-      from jaxlm.data.pipeline import sample_texts
-
-      print(f"training a sentencepiece tokenizer ({data.sp_vocab_size} pieces) on the training data ...", flush=True)
-      tok = SentencePieceTokenizer.train(sample_texts(data.mixture, max_chars=4_000_000, cache_dir=data.cache_dir), path, data.sp_vocab_size)
-  if tok.vocab_size > exp.model.vocab_size:
-    raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is {exp.model.vocab_size}")
+  """The run's tokenizer (`data.tokenizer`, jaxlm.data.tokenizers registry), checked against
+  model.vocab_size; a sentencepiece model without `data.sp_model` is the run directory's own,
+  trained there when missing and `train_if_missing`."""
+  tok = tokenizers.load(exp.data, run_dir, train=train_if_missing)
+  if tok is None:
+    raise ConfigError("no sentencepiece model: set data.sp_model (or give a run directory to train one in)")
+  tokenizers.check_vocab(tok, exp.model.vocab_size)
   return tok
 
 

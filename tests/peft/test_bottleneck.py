@@ -157,7 +157,7 @@ def test_greedy_generation_with_cache_equals_recompute(dense):
     randomize(block.attn.up, 10 + i)
     randomize(block.ffn.up, 20 + i)
   prompt, n_new, eos = [1, 17, 33, 5], 5, 2
-  got = generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=n_new), n_allowed=64, eos_id=eos)[0]
+  got = generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=n_new), n_allowed=64, eos_id=eos, banned=(0, 1))[0]
   banned = np.arange(64) <= 2
   banned[eos] = False
   seq, width = list(prompt), len(prompt) + n_new

@@ -91,7 +91,7 @@ def test_greedy_generation_with_cache_equals_recompute():
   wrapped = wrapped_model("dense")
   eos, n_new, n_allowed = 2, 6, 60
   prompts = [[1, 17, 33, 5, 8], [1, 40, 9]]
-  got = generate_tokens(wrapped, prompts, SamplingConfig(max_new_tokens=n_new), n_allowed=n_allowed, eos_id=eos)
+  got = generate_tokens(wrapped, prompts, SamplingConfig(max_new_tokens=n_new), n_allowed=n_allowed, eos_id=eos, banned=(0, 1))
   width = max(map(len, prompts)) + n_new
   ids = np.arange(64)
   banned = ~(((ids < n_allowed) & (ids > 2)) | (ids == eos))
