@@ -435,7 +435,7 @@ class Experiment:
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   peft: PeftConfig = PeftConfig()  # fine-tuning method (default: train every weight)
-  init_from: str = ""  # weights to start from: a jaxlm run directory ("": a fresh initialisation)
+  init_from: str = ""  # weights to start from: a jaxlm run directory, or a Hugging Face model directory (whose config.json then sets the model architecture; the experiment keeps its dtype, remat, scan and kernel settings) ("": a fresh initialisation)
 
   def __post_init__(self):
     _check(bool(self.name) and "/" not in self.name, f"experiment name must be non-empty without '/', got {self.name!r}")

@@ -28,6 +28,7 @@ from jaxlm.layers import FFN
 from jaxlm.train import flops, hooks, optimizer, plots
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.metrics import MetricsWriter
+from jaxlm.data import tokenizers
 from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, INIT_FILE, PEFT_INPUTS_FILE, check_resumable, initial_model, load_config, read_record, record, resolve_init, save_config, tokenizer_for
 from jaxlm.train.step import JittedStep, TrainState, make_eval_step, make_train_step, split_model, state_shardings
 
@@ -63,6 +64,8 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
     raise ConfigError(f"data.batch_size ({exp.data.batch_size}) must be divisible by the number of processes ({jax.process_count()})")
   for name in exp.data.mixture:
     sources.check(name)
+  if (tok := tokenizers.load(exp.data)) is not None:  # a tokenizer the config names (not one still to train)
+    tokenizers.check_vocab(tok, exp.model.vocab_size)
   for kind in sorted(set(exp.model.ffn_kinds)):  # FFN kinds check what depends on the mesh
     FFN.get(kind).validate(exp, mesh_shape)
   if exp.peft.method != "none":  # targets that match nothing, ranks too large, library files: on shapes only

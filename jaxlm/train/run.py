@@ -80,15 +80,20 @@ def _hint(path: Path) -> str:
 
 
 def resolve_init(exp: Experiment, run_dir: Path | None) -> dict[str, Any] | None:
-  """{"path", "step"}: the checkpoint `exp.init_from` names. A run that already started keeps
-  the step recorded in its `init_from.json` (the source run may have trained on since)."""
+  """{"path", "step"}: the checkpoint `exp.init_from` names ({"path", "format": "hf"} for a
+  Hugging Face model directory). A run that already started keeps the step recorded in its
+  `init_from.json` (the source run may have trained on since)."""
+  from jaxlm.interop import hf
+
   if not exp.init_from:
     return None
   if run_dir is not None and (Path(run_dir) / INIT_FILE).is_file():
     return json.loads((Path(run_dir) / INIT_FILE).read_text())
   path = Path(exp.init_from)
+  if hf.is_hf_dir(path):
+    return {"path": str(path), "format": "hf"}
   if not (path / CONFIG_FILE).is_file():
-    raise ConfigError(f"init_from {exp.init_from}: no jaxlm run there{_hint(path)}")
+    raise ConfigError(f"init_from {exp.init_from}: no jaxlm run or Hugging Face model there{_hint(path)}")
   from jaxlm.train.checkpoint import Checkpointer
 
   saved = load_config(path)
@@ -145,11 +150,17 @@ def copy_weights(src: nnx.Module, dst: nnx.Module) -> None:
 def initial_model(exp: Experiment, mesh: Any, rules: Any, *, abstract: bool = False, init: dict[str, Any] | None = None, peft_inputs: dict[str, Any] | None = None) -> nnx.Module:
   """The model a run of `exp` starts from: initialised on `mesh` (or abstract), the `init`
   checkpoint's weights copied in (`resolve_init`), then the PEFT method's adapters attached."""
+  from jaxlm.interop import hf
   from jaxlm.models import abstract_model, build
 
   with sharding.use_rules(rules):
-    model = abstract_model(exp.model, seed=exp.train.seed) if abstract else build(exp.model, mesh, seed=exp.train.seed, rules=rules)
-    if init is not None and not abstract:
+    if abstract:
+      model = abstract_model(exp.model, seed=exp.train.seed)
+    elif init is not None and init.get("format") == "hf":  # straight onto the mesh, no random init
+      model = hf.load_model(init["path"], mesh, cfg=exp.model, rules=rules)
+    else:
+      model = build(exp.model, mesh, seed=exp.train.seed, rules=rules)
+    if init is not None and not abstract and init.get("format") != "hf":
       _, src, _, _ = load_for_inference(Path(init["path"]), step=init["step"], mesh=mesh, merged=True)
       copy_weights(src, model)
       del src
@@ -161,11 +172,17 @@ def load_for_inference(run_dir: Path, *, step: int | None = None, mesh_cfg: Mesh
 
   A PEFT run's checkpoint holds its adapters only: the model is rebuilt from the run's base
   (`init_from.json`) and the adapters restored on top (merged into the base with `merged`).
+  A Hugging Face model directory loads as a run at step 0 (`jaxlm.interop.hf.experiment`).
   """
+  from jaxlm.interop import hf
   from jaxlm.train.checkpoint import Checkpointer
   from jaxlm.train.step import split_model
 
   run_dir = Path(run_dir)
+  if hf.is_hf_dir(run_dir):
+    exp = hf.experiment(run_dir, mesh=mesh_cfg)
+    mesh = sharding.make_mesh(mesh_cfg) if mesh is None else mesh
+    return exp, hf.load_model(run_dir, mesh, cfg=exp.model), tokenizer_for(exp, None, train_if_missing=False), 0
   exp = load_config(run_dir)
   ckpt_dir = run_dir / CHECKPOINTS
   if not ckpt_dir.is_dir():

@@ -60,12 +60,22 @@ def resolve_experiment(exp: Experiment) -> Experiment:
   return dataclasses.replace(exp, model=model_config(exp.init_from, like=exp.model), data=data)
 
 
+def add_bos(path: Path | str) -> bool:
+  """Whether the model's tokenizer puts BOS in front of a text (tokenizer_config.json's
+  `add_bos_token`; true when it does not say: Llama's and Mistral's do, Qwen's have no BOS)."""
+  cfg = Path(path) / "tokenizer_config.json"
+  try:
+    return bool(json.loads(cfg.read_text()).get("add_bos_token", True))
+  except (OSError, ValueError):
+    return True
+
+
 def experiment(path: Path | str, *, mesh: MeshConfig = MeshConfig()) -> Experiment:
   """An HF model directory seen as a jaxlm run at step 0: its model, its tokenizer.json (bytes
   when it has none), the default data mixture."""
   path = Path(path)
   has_tokenizer = (path / "tokenizer.json").is_file()
-  data = DataConfig(tokenizer="hf", tokenizer_path=str(path)) if has_tokenizer else DataConfig()
+  data = DataConfig(tokenizer="hf", tokenizer_path=str(path), add_bos=add_bos(path)) if has_tokenizer else DataConfig()
   return Experiment(name=path.resolve().name or "hf", mesh=mesh, model=model_config(path), data=data, init_from=str(path))
 
 
@@ -79,6 +89,9 @@ def _rest(cfg: ModelConfig, graph_rest: nnx.State, mesh: Any, rules: Any) -> nnx
   """The non-parameter state (router bias, counters) as a fresh model would have it; the
   parameter initialisers are dead code in this jit and never run."""
   from jaxlm.models.transformer import Transformer
+
+  if not jax.tree.leaves(graph_rest):  # nothing but parameters (every dense model)
+    return graph_rest
 
   def init():
     return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2]
