@@ -54,7 +54,7 @@ def smoke() -> Experiment:
       name="finetune_hf_lora_smoke",
       mesh=MeshConfig(fsdp=-1),
       model=ModelConfig(dtype="float32", param_dtype="float32"),
-      data=dataclasses.replace(exp.data, seq_len=64, batch_size=4),
+      data=dataclasses.replace(exp.data, seq_len=64, batch_size=8),
       peft=dataclasses.replace(exp.peft, rank=4, alpha=8.0, dropout=0.0),
       train=TrainConfig(steps=2, eval_every=0, eval_batches=1, checkpoint_every=0, log_every=1, sample_prompts=("def ",), sample_tokens=4),
   )

@@ -81,7 +81,7 @@ def merge_runs(
       if len(inits) != 1 or not next(iter(inits)):
         raise ConfigError("merge: the runs do not share one init_from; name their common base with --base")
       init = dict(next(iter(inits)))
-      base, base_step = Path(init["path"]), init["step"]
+      base, base_step = Path(init["path"]), init.get("step")  # no step: a Hugging Face directory
     else:
       base, base_step = Path(base), None
     _, base_model, _, base_step = load_for_inference(base, step=base_step, merged=True)

@@ -224,7 +224,7 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   n_trainable, n_frozen = (sum(x.size for x in jax.tree.leaves(t)) for t in (state.params, state.frozen))
   flops_per_token = flops.train_flops_per_token(exp.model, exp.data.seq_len, frozen_base=n_frozen > 0)
   peak = flops.peak_flops(jax.devices()[0].device_kind)
-  origin = f"from {init['path']} step {init['step']}" if init else "from scratch"
+  origin = "from scratch" if not init else f"from {init['path']} " + ("(Hugging Face)" if init.get("format") == "hf" else f"step {init['step']}")
   writer.print(
       f"{exp.name}: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(setup.mesh.shape)}, "
       f"{'resuming at step ' + str(start) if start else origin} -> {tcfg.steps} steps of {tokens_per_step:,} tokens"

@@ -71,3 +71,26 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
   with torch.no_grad():
     out = model.generate(torch.as_tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
   return out[0, len(prompt) :].tolist()
+
+
+def tokenizer(out_dir: Path | str, vocab_size: int = 320) -> dict[str, int]:
+  """A byte-level BPE `tokenizer.json` trained here on the standard library's prose, with
+  `<s>` / `</s>` after the learned pieces and a tokenizer_config.json naming them, as transformers
+  writes it. Returns {"vocab_size", "bos_token_id", "eos_token_id"} for the model's config."""
+  import json
+
+  import tokenizers as lib
+  from pydoc_data.topics import topics
+
+  tok = lib.Tokenizer(lib.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = lib.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = lib.decoders.ByteLevel()
+  trainer = lib.trainers.BpeTrainer(vocab_size=vocab_size - 2, special_tokens=["<unk>"], initial_alphabet=lib.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(list(topics.values())[:40], trainer)
+  tok.add_special_tokens(["<s>", "</s>"])
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  tok.save(str(out / "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+  (out / "tokenizer_config.json").write_text(json.dumps(config))
+  return {"vocab_size": tok.get_vocab_size(), "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": tok.token_to_id("</s>")}
