@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxlm.config import PeftConfig
 from jaxlm.errors import ConfigError
+from jaxlm.layers.params import is_elementwise
 from jaxlm.peft import targets as tg
 from jaxlm.peft.modules import IA3, LoRA, AdapterParam
 from jaxlm.registry import Registry
@@ -61,8 +62,9 @@ def is_adapter(path: tuple[Any, ...], v: nnx.Variable) -> bool:
 
 
 def is_vector(path: tuple[Any, ...], v: nnx.Variable) -> bool:
-  """A base parameter with one named axis: norm scales and biases (no weight decay either)."""
-  return isinstance(v, nnx.Param) and sum(a is not None for a in logical_axes_of(v)) == 1
+  """A base parameter that is a bias or a norm scale of any rank (the attention biases [H, K], the
+  OLMoE q/k norm scales [H, K]), or has one named axis (no weight decay either, train/optimizer.py)."""
+  return isinstance(v, nnx.Param) and (is_elementwise(v) or sum(a is not None for a in logical_axes_of(v)) == 1)
 
 
 # -- LoRA, DoRA, MoLoRA -----------------------------------------------------------------------

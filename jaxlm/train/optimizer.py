@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from jaxlm.config import OptimConfig
+from jaxlm.layers.params import is_elementwise
 from jaxlm.sharding import logical_axes_of
 
 
@@ -23,13 +24,15 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 def decay_mask(params: Any) -> Any:
   """Weight decay only on matrices: norm scales and biases are left alone.
 
-  A matrix is a variable with at least two named logical axes; the unnamed leading axis that
-  scanned layers add does not count (a stacked norm scale [layers, D] is still a vector).
+  A matrix is a variable with at least two named logical axes that is not a bias or norm scale
+  (`param(..., elementwise=True)`: the attention biases [H, K] and OLMoE's q/k norm scales
+  [H, K] are not matrices); the unnamed leading axis that scanned layers add does not count (a
+  stacked norm scale [layers, D] is still a vector).
   """
 
   def one(v):
     if isinstance(v, nnx.Variable):
-      return v.replace(sum(a is not None for a in logical_axes_of(v)) >= 2)
+      return v.replace(not is_elementwise(v) and sum(a is not None for a in logical_axes_of(v)) >= 2)
     return getattr(v, "ndim", 0) >= 2
 
   return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
