@@ -5,7 +5,8 @@
 Parameters (one layout for every MoE kind, DESIGN.md): router [D, E] (float32 math),
 w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D] with F = moe.d_ff_expert (fine-grained
 experts when small), and `n_shared_experts` always-on experts (DeepSeekMoE, Dai et al. 2024)
-held as one dense SwiGLU of width n_shared * F. Non-trainable state: the DeepSeek-V3 selection
+held as one dense SwiGLU of width `moe.d_ff_shared or n_shared * F`, optionally scaled per token by
+sigmoid(x @ shared_gate), shared_gate [D, 1] (Qwen2-MoE, `moe.shared_gate`). Non-trainable state: the DeepSeek-V3 selection
 bias [E] (router "sigmoid_bias") and a step counter for the router jitter; both change only in
 training forward passes (`deterministic=False`), never in evaluation or decoding.
 
@@ -58,7 +59,8 @@ def moe(
   """Pure MoE layer: (y [B, L, D], aux, stats) from explicit params.
 
   params: {"router": [D, E], "w_gate": [E, D, F], "w_up": [E, D, F], "w_down": [E, F, D],
-  optionally "bias": [E] (sigmoid_bias router) and "shared": {"w_gate", "w_up", "w_down"}}.
+  optionally "bias": [E] (sigmoid_bias router), "shared": {"w_gate", "w_up", "w_down"} and
+  "shared_gate": [D, 1] (Qwen2-MoE; gate logit in float32)}.
   `jitter_key` enables the router jitter (training only). `stats` holds the batch-global
   router sums, e.g. `stats["counts_e"]` for the DeepSeek-V3 bias update (`update_bias`).
   """
@@ -85,7 +87,11 @@ def moe(
   y_bld = y_bld.astype(dt)
   if "shared" in params:
     s = params["shared"]
-    y_bld = y_bld + swiglu(x_bld, s["w_gate"], s["w_up"], s["w_down"])
+    shared_bld = swiglu(x_bld, s["w_gate"], s["w_up"], s["w_down"])
+    if "shared_gate" in params:
+      logit_bl1 = linear.project("bld,do->blo", x_bld.astype(jnp.float32), params["shared_gate"], precision=jax.lax.Precision.HIGHEST)
+      shared_bld = (jax.nn.sigmoid(logit_bl1) * shared_bld.astype(jnp.float32)).astype(dt)
+    y_bld = y_bld + shared_bld
   return shard(y_bld, "batch", "seq", "embed"), aux_from_stats(stats, m), stats
 
 
@@ -111,7 +117,8 @@ class MoE(FFNKind):
     self.cfg = cfg
     self.router = param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype, fan_in=(0,))
     self.experts = Experts(cfg, e, f, expert_axis="expert", rngs=rngs)
-    self.shared = MLP(cfg, d_ff=m.n_shared_experts * f, rngs=rngs) if m.n_shared_experts else None
+    self.shared = MLP(cfg, d_ff=MoE.d_ff_shared(cfg), rngs=rngs) if m.n_shared_experts else None
+    self.shared_gate = param(rngs, normal(cfg.init_std), (d, 1), ("embed", None), cfg.param_dtype, fan_in=(0,)) if m.shared_gate else None
     self.bias = RouterState(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False) if m.router == "sigmoid_bias" else None
     if m.jitter > 0:  # raw key data and a counter (plain integer arrays checkpoint anywhere)
       self.jitter_key = RouterState(jax.random.key_data(rngs.params()), out_sharding=(None,), eager_sharding=False)
@@ -127,11 +134,18 @@ class MoE(FFNKind):
     return cfg.moe.d_ff_expert or cfg.d_ff
 
   @staticmethod
+  def d_ff_shared(cfg: ModelConfig) -> int:
+    """Hidden width of the shared experts together (0: none)."""
+    m = cfg.moe
+    return (m.d_ff_shared or m.n_shared_experts * MoE.d_ff_expert(cfg)) if m.n_shared_experts else 0
+
+  @staticmethod
   def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Router + top-k routed experts + shared experts (matmul FLOPs only)."""
+    """Router + top-k routed experts + shared experts and their gate (matmul FLOPs only)."""
     m, d = cfg.moe, cfg.d_model
     f = MoE.d_ff_expert(cfg)
-    return 2 * d * m.n_experts + 2 * 3 * d * f * (m.top_k + m.n_shared_experts)
+    gate = 2 * d if m.shared_gate else 0
+    return 2 * d * m.n_experts + 2 * 3 * d * (f * m.top_k + MoE.d_ff_shared(cfg)) + gate
 
   @staticmethod
   def inactive_params(cfg: ModelConfig) -> int:
@@ -154,6 +168,8 @@ class MoE(FFNKind):
         params["bias"] = self.bias[...]
       if self.shared is not None:
         params["shared"] = {"w_gate": self.shared.w_gate[...], "w_up": self.shared.w_up[...], "w_down": self.shared.w_down[...]}
+      if self.shared_gate is not None:
+        params["shared_gate"] = self.shared_gate[...]
       key = None
       if self.jitter_key is not None and not self.deterministic:
         key = jax.random.fold_in(jax.random.wrap_key_data(self.jitter_key[...]), self.jitter_step[0])
