@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxlm.config import PeftConfig
 from jaxlm.errors import ConfigError
+from jaxlm.layers.linear import fan_in_of
 from jaxlm.layers.params import is_elementwise
 from jaxlm.peft import targets as tg
 from jaxlm.peft.modules import IA3, LoRA, AdapterParam
@@ -63,8 +64,11 @@ def is_adapter(path: tuple[Any, ...], v: nnx.Variable) -> bool:
 
 def is_vector(path: tuple[Any, ...], v: nnx.Variable) -> bool:
   """A base parameter that is a bias or a norm scale of any rank (the attention biases [H, K], the
-  OLMoE q/k norm scales [H, K]), or has one named axis (no weight decay either, train/optimizer.py)."""
-  return isinstance(v, nnx.Param) and (is_elementwise(v) or sum(a is not None for a in logical_axes_of(v)) == 1)
+  OLMoE q/k norm scales [H, K]), or has one named axis and is no linear weight (a router [D, E]
+  or Qwen2-MoE's shared-expert gate [D, 1] has one named axis too, but BitFit never trains them)."""
+  if not isinstance(v, nnx.Param):
+    return False
+  return is_elementwise(v) or (sum(a is not None for a in logical_axes_of(v)) == 1 and fan_in_of(v) is None)
 
 
 # -- LoRA, DoRA, MoLoRA -----------------------------------------------------------------------

@@ -240,3 +240,16 @@ def test_pure_function_matches_module_with_every_variant():
   np.testing.assert_array_equal(y_mod, y_fn)
   with pytest.raises(ValueError, match="qkv_bias.*b_q_hk"):
     attention(x, *weights, **kw)
+
+
+def test_bitfit_trains_biases_and_norms_but_never_routers_or_gates():
+  """A Qwen2-MoE-shaped model: BitFit takes the q/k/v biases and every norm scale; the router
+  [D, E] and the shared-expert gate [D, 1] have one named axis too but are linear weights."""
+  from jaxlm.config import MoEConfig
+  from jaxlm.models import abstract_model
+
+  moe = MoEConfig(n_experts=4, top_k=2, n_shared_experts=1, shared_gate=True)
+  cfg = dataclasses.replace(cfg_with(qkv_bias=True), n_layers=1, ffn="moe", moe=moe)
+  bitfit = METHODS.get("bitfit").trainable
+  trained = {"/".join(map(str, p[2:] if p[0] == "blocks" else p)) for p, v in nnx.iter_graph(abstract_model(cfg)) if isinstance(v, nnx.Param) and bitfit(p, v)}
+  assert trained == {"attn/b_q", "attn/b_k", "attn/b_v", "attn_norm/scale", "ffn_norm/scale", "final_norm/scale"}
