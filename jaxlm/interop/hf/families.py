@@ -183,6 +183,7 @@ class Family:
   legacy_expert: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")  # module, gate, up, down
   shared_expert: bool = False  # one sigmoid-gated shared expert (Qwen2-MoE)
   optional_bias: bool = False  # q/k/v biases follow the config's `qkv_bias` field (Qwen2-MoE in transformers 5)
+  expert_width_key: str = "moe_intermediate_size"  # OLMoE's experts are intermediate_size wide
 
   # -- config ------------------------------------------------------------------------------
 
@@ -237,9 +238,9 @@ class Family:
 
   def moe_config(self, hf: Mapping[str, Any]) -> MoEConfig:
     return MoEConfig(
-        n_experts=int(hf["num_experts"]),
+        n_experts=int(hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]),  # transformers 5 renamed Qwen3-MoE's
         top_k=int(hf["num_experts_per_tok"]),
-        d_ff_expert=int(hf["moe_intermediate_size"]),
+        d_ff_expert=int(hf["moe_intermediate_size"]) if self.expert_width_key == "moe_intermediate_size" else 0,
         renormalize=bool(_get(hf, "norm_topk_prob", False)),
         load_balance_weight=float(_get(hf, "router_aux_loss_coef", 0.01)),
         router_z_weight=0.0,
@@ -471,20 +472,21 @@ class OLMoE(Family):
   architecture: str = "OlmoeForCausalLM"
   moe: bool = True
   qk_norm: str = "proj"
+  expert_width_key: str = "intermediate_size"
 
   def moe_pattern(self, hf, n_layers):
     return 0, 1
 
   def hf_config(self, cfg):
     out = super().hf_config(cfg)
-    for k in ("decoder_sparse_step", "mlp_only_layers"):
+    for k in ("decoder_sparse_step", "mlp_only_layers", "moe_intermediate_size"):
       out.pop(k)
     return {**out, "clip_qkv": cfg.attention.clip_qkv or None}
 
   def exportable(self, cfg):
     super().exportable(cfg)
-    if set(cfg.ffn_kinds) != {"moe"}:
-      raise ConfigError("olmoe needs an MoE in every layer")
+    if set(cfg.ffn_kinds) != {"moe"} or cfg.moe.d_ff_expert not in (0, cfg.d_ff):
+      raise ConfigError("olmoe needs an MoE in every layer with experts of width model.d_ff")
 
 
 def family(model_type: str) -> Family:

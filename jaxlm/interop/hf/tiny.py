@@ -39,7 +39,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2_moe": dict(**MOE, shared_expert_intermediate_size=80, mlp_only_layers=[0], norm_topk_prob=False),
     "qwen3": dict(head_dim=32),
     "qwen3_moe": dict(**MOE, head_dim=32, norm_topk_prob=True),
-    "olmoe": dict(**MOE, clip_qkv=0.6, norm_topk_prob=False),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.6, norm_topk_prob=False),  # experts of intermediate_size
 }
 
 
