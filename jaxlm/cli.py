@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
   he.add_argument("--fused-experts", action="store_true", help="experts as fused gate_up_proj / down_proj (transformers 5) instead of per-expert names")
   he.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weight dtype (default: the model's param_dtype)")
   he.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  he.add_argument("--adapter", action="store_true", help="a LoRA run's adapters alone, not merged, as a PEFT adapter (adapter_config.json + adapter_model.safetensors)")
 
   m = sub.add_parser("merge", help="merge a run's adapters into its base, or several fine-tuned runs into one model")
   m.add_argument("runs", nargs="+", help="run directories (adapter runs or full fine-tunes of one base model)")
@@ -174,6 +175,14 @@ def _convert(args) -> int:
   if args.conversion == "hf-export":
     from jaxlm.interop.hf.runs import export_run
 
+    if args.adapter:
+      from jaxlm.interop.hf.adapters import export_adapter_run
+
+      if args.fused_experts or args.dtype:
+        raise ConfigError("hf-export --adapter writes float32 PEFT adapters (experts always fused); drop --fused-experts / --dtype")
+      info = export_adapter_run(args.run_dir, args.dst, model_type=args.model_type, step=args.step)
+      print(f"exported the adapters of {info['run_dir']} (step {info['step']}) for {info['model_type']} as a PEFT adapter to {info['out']}")
+      return 0
     info = export_run(args.run_dir, args.dst, model_type=args.model_type, fused_experts=args.fused_experts, dtype=args.dtype, step=args.step)
     note = "" if info["tokenizer"] == "hf" else f" (the run's {info['tokenizer']} tokenizer has no tokenizer.json; none was written)"
     print(f"exported {info['run_dir']} (step {info['step']}) as {info['model_type']} to {info['out']}{note}")
