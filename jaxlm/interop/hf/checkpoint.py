@@ -176,7 +176,7 @@ def read_params(reader: Reader, entries: list, tree: dict, shardings: dict | Non
           placed = jax.device_put(host)
         else:
           placed = jax.make_array_from_callback(shape, get_path(shardings, path), lambda idx, h=host: h[idx])
-        set_path(out, path, placed)
+        set_path(out, path, placed.block_until_ready())  # the host copy is free once the transfer is done
         del host
       del converted
   return out
