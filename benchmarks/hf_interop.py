@@ -25,7 +25,7 @@ from pathlib import Path
 from benchmarks.common import write_result
 
 LOAD = r"""
-import json, resource, sys, time
+import json, sys, time
 import jax, jax.numpy as jnp
 jnp.zeros(1).block_until_ready()  # the runtime is up: its memory is the baseline
 from jaxlm.interop import hf
@@ -36,7 +36,8 @@ t = time.perf_counter()
 model = hf.load_model(sys.argv[1], show_progress=False)
 jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
 seconds = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process image's peak (ru_maxrss would carry over the parent's RSS at fork)
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "rss_before": before, "rss_peak": peak, "rss_after": rss()}))
 """
 
