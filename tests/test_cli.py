@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
         (["train", "quickstart:smoke", "--set", "peft.method=lora", "--set", "peft.targets=('.*attn/q_proj',)"], "peft.targets: '.*attn/q_proj' matches no linear weight"),
         (["train", "quickstart:smoke", "--set", "peft.method=lora", "--set", "peft.rank=0"], "peft.rank must be >= 1"),
         (["train", "quickstart:smoke", "--set", "peft.method=lora", "--set", "peft.rank=100"], "rank 100 is larger than the adapted dimensions of blocks/0/attn/w_k"),
-        (["train", "quickstart:smoke", "--set", "init_from=/nonexistent/run"], "init_from /nonexistent/run: no jaxlm run there"),
+        (["train", "quickstart:smoke", "--set", "init_from=/nonexistent/run"], "init_from /nonexistent/run: no jaxlm run or Hugging Face model there"),
         (["merge", "/nonexistent/run", "--out", "/tmp/jaxlm_never_written"], "is not a jaxlm run directory"),
     ],
 )
