@@ -116,7 +116,7 @@ def _get(hf: Mapping[str, Any], key: str, default: Any = None) -> Any:
 
 def _refuse(hf: Mapping[str, Any], key: str, ok: Callable[[Any], bool], why: str) -> None:
   if key in hf and hf[key] is not None and not ok(hf[key]):
-    raise ConfigError(f"{hf.get('model_type')}: config field {key}={hf[key]!r} is not supported ({why})")
+    raise ConfigError(f"config field {key}={hf[key]!r} is not supported ({why})")
 
 
 def rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScalingConfig]:
@@ -195,6 +195,10 @@ class Family:
       _refuse(hf, "attention_bias", lambda v: not v, "attention biases are implemented for Qwen2's q/k/v only")
     _refuse(hf, "use_sliding_window", lambda v: not v, "per-layer sliding windows (max_window_layers) are not implemented")
     _refuse(hf, "pretraining_tp", lambda v: v == 1, "tensor-parallel slicing of the pre-training run is not reproduced")
+    _refuse(hf, "partial_rotary_factor", lambda v: v == 1, "RoPE rotates every channel of a head in jaxlm")
+    _refuse(hf.get("rope_parameters") or {}, "partial_rotary_factor", lambda v: v == 1, "RoPE rotates every channel of a head in jaxlm")
+    if self.model_type not in ("mistral", "mixtral"):
+      _refuse(hf, "layer_types", lambda v: set(v) <= {"full_attention"}, "per-layer sliding-window attention is not implemented")
 
   def model_config(self, hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     self.check(hf)
