@@ -55,7 +55,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig, PeftConfig
 from jaxlm.errors import ConfigError
-from jaxlm.interop.hf.checkpoint import _safetensors, commit_dir, fresh_dir, host_array
+from jaxlm.interop.hf.checkpoint import _safetensors, commit_dir, fresh_dir, host_array, read_json
 from jaxlm.interop.hf.families import Family, family, family_for
 
 CONFIG = "adapter_config.json"
@@ -340,12 +340,7 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
 def read_config(src: Path | str) -> dict[str, Any]:
   """adapter_config.json of a PEFT LoRA adapter; ConfigError for anything jaxlm does not reproduce."""
   src = Path(src)
-  if not (src / CONFIG).is_file():
-    raise ConfigError(f"{src}: no {CONFIG} (not a PEFT adapter directory)")
-  try:
-    conf = json.loads((src / CONFIG).read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{src / CONFIG}: not valid JSON ({e.msg}, line {e.lineno})") from None
+  conf = read_json(src / CONFIG, "a PEFT adapter directory")
   if conf.get("peft_type") != "LORA":
     raise ConfigError(f"{src}: peft_type {conf.get('peft_type')!r} is not LORA; jaxlm reads PEFT LoRA adapters only")
   for k in UNSUPPORTED:

@@ -38,15 +38,20 @@ def _safetensors():
   return safe_open, save_file
 
 
+def read_json(path: Path, what: str) -> Any:
+  """A JSON file that must exist: ConfigError naming it and `what` the directory should be."""
+  if not path.is_file():
+    raise ConfigError(f"{path.parent}: no {path.name} (not {what})")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
 def read_config(path: Path | str) -> dict[str, Any]:
   """The config.json of an HF model directory (ConfigError when there is none)."""
   path = Path(path)
-  if not (path / CONFIG).is_file():
-    raise ConfigError(f"{path}: no {CONFIG} (not a Hugging Face model directory)")
-  try:
-    hf = json.loads((path / CONFIG).read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path / CONFIG}: not valid JSON ({e.msg}, line {e.lineno})") from None
+  hf = read_json(path / CONFIG, "a Hugging Face model directory")
   if not isinstance(hf, dict) or "model_type" not in hf:
     raise ConfigError(f"{path / CONFIG}: no model_type (not a Hugging Face model config)")
   return hf
