@@ -15,15 +15,23 @@ the segments are about the same thing).
                similar unvisited neighbour; when none is left, jump to a random unvisited one.
 
 `similarity_order(docs, ...)` does all three and returns a permutation of the documents.
+
+Several hosts (`hosts`, jaxlm.data.hosts) split the work: each embeds a contiguous share of the
+documents (document frequencies are summed across hosts first) and finds the neighbours of
+its share; the neighbour lists are gathered, process 0 chains them and sends the order to
+every host, and only process 0 reads and writes the cache. No host reads every document.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from jaxlm.data.hosts import Hosts, Local, share
 
 NGRAMS = (3, 4, 5)
 _BITS = 17
@@ -31,6 +39,7 @@ N_BUCKETS = 1 << _BITS  # hashed n-gram features
 DIM = 128  # embedding size after the random projection
 MAX_BYTES = 4096  # bytes of each document read by the embedding
 EXACT_LIMIT = 20_000  # "auto" search: exact up to this many documents, LSH above
+KEY_SAMPLES = 64  # documents whose first bytes enter the cache key (with the source's fingerprint)
 METHODS = ("exact", "lsh", "auto")
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -54,9 +63,13 @@ def _ngram_buckets(data: np.ndarray) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+@functools.lru_cache(maxsize=2)
 def _projection(seed: int) -> np.ndarray:
+  """The fixed random +-1 projection [N_BUCKETS, DIM] (16 MiB; made once per seed, read-only)."""
   rng = np.random.default_rng(seed)
-  return rng.choice(np.array([-1, 1], np.int8), size=(N_BUCKETS, DIM))
+  proj = rng.choice(np.array([-1, 1], np.int8), size=(N_BUCKETS, DIM))
+  proj.flags.writeable = False
+  return proj
 
 
 def _head(doc: str | bytes) -> bytes:
@@ -64,30 +77,35 @@ def _head(doc: str | bytes) -> bytes:
   return (doc if isinstance(doc, bytes) else doc.encode("utf-8", errors="replace"))[:MAX_BYTES]
 
 
-def embed(docs: Sequence[str | bytes], *, seed: int = 0) -> np.ndarray:
+def embed(docs: Sequence[str | bytes], *, seed: int = 0, hosts: Hosts | None = None) -> np.ndarray:
   """[N, DIM] float32 unit vectors: TF-IDF of hashed byte n-grams, randomly projected.
 
-  A document is a string or its UTF-8 bytes (only the first MAX_BYTES bytes are read).
+  A document is a string or its UTF-8 bytes (only the first MAX_BYTES bytes are read). With
+  several `hosts`, each reads only its share of the documents; every host gets all N vectors.
   """
+  hosts = hosts or Local()
+  n = len(docs)
+  lo, hi = share(n, hosts.index, hosts.count)
   counts = []
   df = np.zeros(N_BUCKETS, np.int64)
-  for i in range(len(docs)):  # (random-access sources need not support iteration)
+  for i in range(lo, hi):  # (random-access sources need not support iteration)
     data = np.frombuffer(_head(docs[i]), np.uint8)
     buckets, c = np.unique(_ngram_buckets(data), return_counts=True)
     counts.append((buckets, c))
     df[buckets] += 1
-  n = len(docs)
+  if hosts.count > 1:
+    df = np.sum(hosts.allgather(df[None]), axis=0)[0]
   idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
   proj = _projection(seed)
-  out = np.zeros((n, DIM), np.float32)
+  out = np.zeros((hi - lo, DIM), np.float32)
   for i, (buckets, c) in enumerate(counts):
     if len(buckets) == 0:
       continue
     w = (1.0 + np.log(c)) * idf[buckets]
     w /= np.linalg.norm(w)
     out[i] = w.astype(np.float32) @ proj[buckets].astype(np.float32)
-  norms = np.linalg.norm(out, axis=1, keepdims=True)
-  return out / np.maximum(norms, 1e-12)
+  out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+  return np.concatenate(hosts.allgather(out)) if hosts.count > 1 else out
 
 
 def _merge_topk(best_idx, best_sim, rows, cand_idx, cand_sim, k):
@@ -101,26 +119,29 @@ def _merge_topk(best_idx, best_sim, rows, cand_idx, cand_sim, k):
   best_sim[rows] = np.take_along_axis(sim, top, axis=1)
 
 
-def exact_neighbors(emb: np.ndarray, k: int, *, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-  """The k most similar other documents of every document: (indices [N, k], similarities)."""
+def exact_neighbors(emb: np.ndarray, k: int, *, block: int = 1024, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The k most similar other documents of every document in `rows` ([lo, hi), default all):
+  (indices [hi - lo, k], similarities)."""
   n = len(emb)
   k = min(k, n - 1)
-  idx = np.zeros((n, k), np.int64)
-  sim = np.zeros((n, k), np.float32)
-  for lo in range(0, n, block):
-    s = emb[lo : lo + block] @ emb.T
-    rows = np.arange(lo, min(lo + block, n))
-    s[rows - lo, rows] = -np.inf
+  lo, hi = rows or (0, n)
+  idx = np.zeros((hi - lo, k), np.int64)
+  sim = np.zeros((hi - lo, k), np.float32)
+  for start in range(lo, hi, block):
+    r = np.arange(start, min(start + block, hi))
+    s = emb[r] @ emb.T
+    s[r - start, r] = -np.inf
     part = np.argpartition(-s, k - 1, axis=1)[:, :k]  # k <= n - 1: never the whole row
     ps = np.take_along_axis(s, part, axis=1)
     order = np.argsort(-ps, axis=1, kind="stable")
-    idx[rows] = np.take_along_axis(part, order, axis=1)
-    sim[rows] = np.take_along_axis(ps, order, axis=1)
+    idx[r - lo] = np.take_along_axis(part, order, axis=1)
+    sim[r - lo] = np.take_along_axis(ps, order, axis=1)
   return idx, sim
 
 
-def lsh_neighbors(emb: np.ndarray, k: int, *, n_tables: int = 8, n_bits: int = 0, max_bucket: int = 1024, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Approximate k nearest neighbours by random-hyperplane LSH (cosine similarity).
+def lsh_neighbors(emb: np.ndarray, k: int, *, n_tables: int = 8, n_bits: int = 0, max_bucket: int = 1024, seed: int = 0, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Approximate k nearest neighbours by random-hyperplane LSH (cosine similarity), for the
+  documents in `rows` ([lo, hi), default all): (indices [hi - lo, k], similarities).
 
   Each of `n_tables` tables hashes a document to the signs of `n_bits` random projections
   (default: about 32 documents per bucket); documents sharing a bucket are compared exactly
@@ -128,10 +149,11 @@ def lsh_neighbors(emb: np.ndarray, k: int, *, n_tables: int = 8, n_bits: int = 0
   """
   n, d = emb.shape
   k = min(k, n - 1)
+  lo, hi = rows or (0, n)
   n_bits = n_bits or int(np.clip(np.round(np.log2(max(n, 2) / 32)), 1, 24))
   rng = np.random.default_rng(seed)
-  best_idx = np.full((n, k), -1, np.int64)
-  best_sim = np.full((n, k), -np.inf, np.float32)
+  best_idx = np.full((hi - lo, k), -1, np.int64)
+  best_sim = np.full((hi - lo, k), -np.inf, np.float32)
   weights = (1 << np.arange(n_bits, dtype=np.int64))
   for _ in range(n_tables):
     planes = rng.standard_normal((d, n_bits)).astype(np.float32)
@@ -140,26 +162,29 @@ def lsh_neighbors(emb: np.ndarray, k: int, *, n_tables: int = 8, n_bits: int = 0
     order = perm[np.argsort(codes[perm], kind="stable")]
     bounds = np.flatnonzero(np.diff(codes[order])) + 1
     for members in np.split(order, bounds):
-      for lo in range(0, len(members), max_bucket):
-        m = members[lo : lo + max_bucket]
-        if len(m) < 2:
+      for start in range(0, len(members), max_bucket):
+        m = members[start : start + max_bucket]
+        mine = m[(m >= lo) & (m < hi)]
+        if len(m) < 2 or len(mine) == 0:
           continue
-        s = emb[m] @ emb[m].T
-        np.fill_diagonal(s, -np.inf)
-        _merge_topk(best_idx, best_sim, m, np.broadcast_to(m, (len(m), len(m))), s, k)
+        s = emb[mine] @ emb[m].T
+        s[mine[:, None] == m[None, :]] = -np.inf
+        _merge_topk(best_idx, best_sim, mine - lo, np.broadcast_to(m, (len(mine), len(m))), s, k)
   best_idx[~np.isfinite(best_sim)] = -1
   return best_idx, best_sim
 
 
-def nearest_neighbors(emb: np.ndarray, k: int, *, method: str = "auto", seed: int = 0) -> np.ndarray:
-  """[N, k] neighbour indices (most similar first; -1: none found)."""
+def nearest_neighbors(emb: np.ndarray, k: int, *, method: str = "auto", seed: int = 0, rows: tuple[int, int] | None = None) -> np.ndarray:
+  """[hi - lo, k] neighbour indices of the documents in `rows` (default all; most similar
+  first; -1: none found)."""
   if method not in METHODS:
     raise ValueError(f"nearest_neighbors: method must be one of {METHODS}, got {method!r}")
+  lo, hi = rows or (0, len(emb))
   if len(emb) < 2:
-    return np.full((len(emb), 0), -1, np.int64)
+    return np.full((hi - lo, 0), -1, np.int64)
   if method == "exact" or (method == "auto" and len(emb) <= EXACT_LIMIT):
-    return exact_neighbors(emb, k)[0]
-  return lsh_neighbors(emb, k, seed=seed)[0]
+    return exact_neighbors(emb, k, rows=rows)[0]
+  return lsh_neighbors(emb, k, seed=seed, rows=rows)[0]
 
 
 def greedy_chain(neighbors: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -190,22 +215,48 @@ def greedy_chain(neighbors: np.ndarray, *, seed: int = 0) -> np.ndarray:
   return order
 
 
-def similarity_order(docs: Sequence[str], *, k: int = 8, method: str = "auto", seed: int = 0, cache_dir: str | Path | None = None) -> np.ndarray:
-  """Embed, find neighbours, chain: a permutation of range(len(docs)).
+def cache_key(docs: Sequence[str], *, k: int, method: str, seed: int, fingerprint: str = "") -> str:
+  """The settings, the number of documents, the source's `fingerprint` (e.g. its files' names,
+  sizes and times) and the first bytes of KEY_SAMPLES documents spread over the source: a
+  changed corpus gets a new key without every document being read."""
+  n = len(docs)
+  h = hashlib.sha256(f"{k}/{method}/{seed}/{n}/{fingerprint}".encode())
+  for i in np.unique(np.linspace(0, n - 1, min(n, KEY_SAMPLES)).astype(np.int64)) if n else ():
+    h.update(_head(docs[int(i)]))
+  return h.hexdigest()[:24]
 
-  With `cache_dir`, the order is stored under a key made of the documents' contents and the
-  settings, so a large corpus is ordered once.
+
+def similarity_order(
+    docs: Sequence[str],
+    *,
+    k: int = 8,
+    method: str = "auto",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    fingerprint: str = "",
+    hosts: Hosts | None = None,
+) -> np.ndarray:
+  """Embed, find neighbours, chain: a permutation of range(len(docs)), the same on every host.
+
+  With `cache_dir`, process 0 stores the order under `cache_key`, so a corpus is ordered once;
+  the other hosts get it from process 0, whether it was cached or computed.
   """
-  path = None
-  if cache_dir is not None:
-    docs = [_head(docs[i]) for i in range(len(docs))]  # read once: for the key, then the embedding
-    h = hashlib.sha256(f"{k}/{method}/{seed}/{len(docs)}".encode())
-    for data in docs:
-      h.update(data)
-    path = Path(cache_dir) / "similarity" / f"{h.hexdigest()[:24]}.npy"
-    if path.is_file():
-      return np.load(path)
-  order = greedy_chain(nearest_neighbors(embed(docs, seed=seed), k, method=method, seed=seed), seed=seed)
+  hosts = hosts or Local()
+  n = len(docs)
+  path = Path(cache_dir) / "similarity" / f"{cache_key(docs, k=k, method=method, seed=seed, fingerprint=fingerprint)}.npy" if cache_dir is not None and hosts.index == 0 else None
+  cached = np.load(path) if path is not None and path.is_file() else None
+  if hosts.count > 1 and hosts.broadcast(np.array([cached is not None]))[0]:
+    return hosts.broadcast(cached if cached is not None else np.zeros(n, np.int64))
+  if cached is not None:
+    return cached
+  emb = embed(docs, seed=seed, hosts=hosts)
+  rows = share(n, hosts.index, hosts.count)
+  neighbors = nearest_neighbors(emb, k, method=method, seed=seed, rows=rows)
+  if hosts.count > 1:
+    neighbors = np.concatenate(hosts.allgather(neighbors))
+  order = greedy_chain(neighbors, seed=seed) if hosts.index == 0 else np.zeros(n, np.int64)
+  if hosts.count > 1:
+    order = hosts.broadcast(order)
   if path is not None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.default_rng().integers(1 << 30)}.tmp.npy")

@@ -32,6 +32,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence
 
+import numpy as np
+
 from jaxlm.errors import ConfigError
 from jaxlm.registry import Registry
 
@@ -83,6 +85,10 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [b + self.OFFSET for b in text.encode("utf-8")]
+
+  def encode_array(self, text: str) -> np.ndarray:
+    """encode() as an int32 array, without a Python list (the pipeline's fast path)."""
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.OFFSET
 
   def decode(self, ids: Sequence[int]) -> str:
     return bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET).decode("utf-8", errors="replace")

@@ -26,8 +26,9 @@ def _ds(process_index=0, process_count=1, seed=0, batch_size=4):
 
 def test_packing_bookkeeping():
   b = next(iter(_ds()))
-  assert set(b) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
-  assert all(v.shape == (4, 64) and v.dtype == np.int32 for v in b.values())
+  assert set(b) == {"inputs", "targets", "segment_ids", "positions", "loss_mask", *pipeline.HOST_FIELDS}
+  assert all(b[k].shape == (4, 64) and b[k].dtype == np.int32 for k in b if k not in pipeline.HOST_FIELDS)
+  assert b["source"].shape == (4,) and set(b["source"]) <= {0, 1}  # each row's source, kept on the host
   for row in range(4):
     seg, pos, inp, tgt = b["segment_ids"][row], b["positions"][row], b["inputs"][row], b["targets"][row]
     for j in range(1, 64):
@@ -70,21 +71,23 @@ def test_iterator_state_resumes_exactly():
 
 @pytest.mark.parametrize("similarity", ["none", "exact"])
 def test_mixture_weights_are_token_shares(similarity):
-  """Every row holds one source, and a source's weight is its share of the rows (= tokens)."""
+  """Every row holds one source (its `source` field says which, and its text agrees), and a
+  source's weight is its share of the rows, so of the tokens."""
   tok = ByteTokenizer()
   prose = sources.load("stdlib_prose", "train")
   prose_text = "\n".join(prose[i] for i in range(len(prose)))
   ds = pipeline.lm_dataset({"stdlib_prose": 0.7, "stdlib_code": 0.3}, "train", tok, seq_len=256, batch_size=50, seed=0, similarity=similarity)
-  it = iter(ds)
-  batches = [next(it) for _ in range(4)]
+  batches = list(pipeline.take(ds, 4))
 
   def is_prose(inputs, segment_ids):
     longest = np.bincount(segment_ids).argmax()  # the row's longest document piece
     text = tok.decode(inputs[segment_ids == longest])
     return text[8:48] in prose_text
 
-  share = np.mean([is_prose(b["inputs"][r], b["segment_ids"][r]) for b in batches for r in range(50)])
-  assert 0.6 < share < 0.8, share
+  said = np.concatenate([b["source"] == 0 for b in batches])
+  seen = np.array([is_prose(b["inputs"][r], b["segment_ids"][r]) for b in batches for r in range(50)])
+  assert (said == seen).mean() > 0.95
+  assert abs(said.mean() - 0.7) <= 1 / 200, said.mean()  # within a row of 70% of 200 rows
 
 
 def test_file_sources(tmp_path):
