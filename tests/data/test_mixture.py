@@ -127,3 +127,19 @@ def test_stages_from_an_override_or_json_are_normalised():
   exp = experiments.load("quickstart", ["data.stages=((100, {'stdlib_code': 1.0}), [200, {'stdlib_prose': 1}])"])
   assert exp.data.stages == ((100, {"stdlib_code": 1.0}), (200, {"stdlib_prose": 1}))
   assert from_dict(Experiment, json.loads(json.dumps(to_dict(exp)))).data.stages == exp.data.stages
+
+
+@pytest.mark.slow
+def test_train_logs_tokens_per_source_and_switches_stage(tmp_path):
+  """~30 s: `jaxlm train` with a stage after step 3 logs each source's tokens per metrics line."""
+  from jaxlm import experiments
+  from jaxlm.train import loop
+
+  exp = experiments.load("quickstart:smoke", ["data.stages=((3, {'stdlib_code': 1.0}),)", "train.log_every=1", "train.sample_tokens=0", "checkpoint.enabled=false"])
+  loop.train(exp, tmp_path / "run")
+  lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  tokens = {r["step"]: (r["tokens/stdlib_prose"], r["tokens/stdlib_code"]) for r in lines if "tokens/stdlib_code" in r}
+  per_step = exp.data.batch_size * exp.data.seq_len
+  assert sorted(tokens) == list(range(1, 7)) and all(sum(t) == per_step for t in tokens.values())
+  assert all(tokens[s] == (per_step // 2, per_step // 2) for s in (1, 2, 3))  # 50/50 rows: 4 + 4
+  assert all(tokens[s] == (0, per_step) for s in (4, 5, 6))  # the batches after step 3
