@@ -484,3 +484,79 @@ def from_dict(cls: type, d: Mapping[str, Any]) -> Any:
 
 def _tuplify(v: Any) -> Any:
   return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+# -- types ---------------------------------------------------------------------------------
+# Every config class checks its fields' types before its own validation, so a wrong type in an
+# experiment file (d_model="256", steps=10.5, targets="x") is one line naming the field instead
+# of a TypeError from deep inside a comparison.
+
+_PREFIXES = {
+    "MeshConfig": "mesh",
+    "MoEConfig": "model.moe",
+    "SoftMoEConfig": "model.soft_moe",
+    "AttentionConfig": "model.attention",
+    "RopeScalingConfig": "model.rope_scaling",
+    "ModelConfig": "model",
+    "DataConfig": "data",
+    "OptimConfig": "optim",
+    "TrainConfig": "train",
+    "CheckpointConfig": "checkpoint",
+    "PeftConfig": "peft",
+    "Experiment": "experiment",
+}
+
+
+def _type_error(value: Any, tp: Any) -> str | None:
+  """None if `value` fits the annotation `tp`, else the expected type's name."""
+  import typing
+
+  origin = typing.get_origin(tp)
+  if tp is Any:
+    return None
+  if tp is bool:
+    return None if isinstance(value, bool) else "true or false"
+  if tp is int:
+    return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+  if tp is float:
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+  if tp is str:
+    return None if isinstance(value, str) else "a string"
+  if dataclasses.is_dataclass(tp):
+    return None if isinstance(value, tp) else f"a {tp.__name__}"
+  if origin is tuple or tp is tuple:
+    if not isinstance(value, (tuple, list)):
+      return "a tuple"
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis and args[0] is str and not all(isinstance(v, str) for v in value):
+      return "a tuple of strings"
+    return None
+  if origin is not None and isinstance(origin, type) and issubclass(origin, Mapping):
+    return None if isinstance(value, Mapping) else "a mapping like {'a': 1.0}"
+  return None
+
+
+def _check_types(cfg: Any) -> None:
+  import typing
+
+  hints = typing.get_type_hints(type(cfg))
+  prefix = _PREFIXES.get(type(cfg).__name__, type(cfg).__name__)
+  for f in dataclasses.fields(cfg):
+    want = _type_error(getattr(cfg, f.name), hints[f.name])
+    if want is not None:
+      name = f.name if prefix == "experiment" else f"{prefix}.{f.name}"
+      raise ConfigError(f"{name} must be {want}, got {getattr(cfg, f.name)!r}")
+
+
+def _typed(cls: type) -> None:
+  validate = cls.__post_init__
+
+  def __post_init__(self):
+    _check_types(self)
+    validate(self)
+
+  cls.__post_init__ = __post_init__
+
+
+for _cls in (MeshConfig, MoEConfig, SoftMoEConfig, AttentionConfig, RopeScalingConfig, ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, PeftConfig, Experiment):
+  _typed(_cls)

@@ -13,9 +13,10 @@ import dataclasses
 import importlib.util
 import sys
 import types
+import traceback
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from jaxlm.config import Experiment
 from jaxlm.errors import ConfigError
@@ -47,13 +48,27 @@ def resolve(path_or_name: str) -> tuple[Path, str]:
   raise ConfigError(f"unknown experiment {spec!r}: not a file, and not one of {', '.join(known_names()) or '(none)'}")
 
 
+def _user_code(path: Path, what: str, fn: Callable[[], Any]) -> Any:
+  """Run code of an experiment file; its mistakes become one line naming the file and line."""
+  try:
+    return fn()
+  except ConfigError:
+    raise
+  except SyntaxError as e:
+    raise ConfigError(f"{path}, line {e.lineno}: {e.msg}") from None
+  except Exception as e:  # noqa: BLE001 - anything the user's file raises
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    where = f", line {lines[-1]}" if lines else ""
+    raise ConfigError(f"{path}{where}: {what} raised {type(e).__name__}: {e}") from None
+
+
 def _import_file(path: Path) -> types.ModuleType:
   name = f"jaxlm_experiment_{path.stem}"
   spec = importlib.util.spec_from_file_location(name, path)
   assert spec is not None and spec.loader is not None
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module
-  spec.loader.exec_module(module)
+  _user_code(path, "importing it", lambda: spec.loader.exec_module(module))
   return module
 
 
@@ -65,7 +80,7 @@ def load(path_or_name: str, overrides: Iterable[str] = ()) -> Experiment:
   if not callable(fn):
     variants = [n for n, v in vars(module).items() if callable(v) and getattr(v, "__module__", None) == module.__name__ and not n.startswith("_")]
     raise ConfigError(f"{path} has no function {fn_name!r}; it defines: {', '.join(variants)}")
-  exp = fn()
+  exp = _user_code(path, f"{fn_name}()", fn)
   if not isinstance(exp, Experiment):
     raise ConfigError(f"{path}:{fn_name}() returned {type(exp).__name__}, not an Experiment")
   from jaxlm.interop import hf

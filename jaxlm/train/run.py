@@ -91,6 +91,7 @@ def resolve_init(exp: Experiment, run_dir: Path | None) -> dict[str, Any] | None
     return json.loads((Path(run_dir) / INIT_FILE).read_text())
   path = Path(exp.init_from)
   if hf.is_hf_dir(path):
+    hf.check_dir(path, exp.model)  # weights present and shaped for the model, before anything is written
     return {"path": str(path), "format": "hf"}
   if not (path / CONFIG_FILE).is_file():
     raise ConfigError(f"init_from {exp.init_from}: no jaxlm run or Hugging Face model there{_hint(path)}")

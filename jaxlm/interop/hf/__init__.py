@@ -29,7 +29,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.interop.hf.checkpoint import CONFIG, Reader, check_coverage, commit_dir, fresh_dir, get_path, is_hf_dir, read_config, read_params, write_params
 from jaxlm.interop.hf.families import FAMILIES, Family, family, family_for
 
-__all__ = ["FAMILIES", "experiment", "is_hf_dir", "load", "load_model", "model_config", "read_config", "resolve_experiment", "save", "TOKENIZER_FILES"]
+__all__ = ["FAMILIES", "check_dir", "experiment", "is_hf_dir", "load", "load_model", "model_config", "read_config", "resolve_experiment", "save", "TOKENIZER_FILES"]
 
 # Settings of a run rather than of the architecture: an experiment keeps its own when it starts
 # from an HF model (`init_from`), everything else comes from the HF config.
@@ -100,6 +100,18 @@ def _rest(cfg: ModelConfig, graph_rest: nnx.State, mesh: Any, rules: Any) -> nnx
     return jax.jit(init)()
   with jax.set_mesh(mesh):
     return jax.jit(init, out_shardings=sharding.state_shardings(graph_rest, mesh, rules))()
+
+
+def check_dir(path: Path | str, cfg: ModelConfig | None = None) -> None:
+  """ConfigError unless the directory's tensors are exactly the model's (names and sizes; only
+  the safetensors headers are read)."""
+  hf_cfg = read_config(path)
+  flat = dataclasses.replace(cfg or family(hf_cfg["model_type"]).model_config(hf_cfg), scan_layers=False)
+  reader = Reader(path)
+  _, params, _ = _abstract(flat)
+  tree = nnx.to_pure_dict(params)
+  fused = any(n.endswith("mlp.experts.gate_up_proj") for n in reader.names())
+  check_coverage(family(hf_cfg["model_type"]).entries(flat, tree, fused=fused), tree, reader, where=str(path))
 
 
 def load_model(path: Path | str, mesh: Any = None, *, cfg: ModelConfig | None = None, rules: Any = None, show_progress: bool = True) -> nnx.Module:
