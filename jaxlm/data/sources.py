@@ -20,8 +20,8 @@ prepare one with `tfds build NAME --data_dir DIR --file_format array_record`.
 
 A registered kind is a class with two class methods:
 
-  check(arg, cache_dir)          cheap checks before a run writes anything (files match, dataset
-                                 prepared); raises ConfigError naming the problem
+  check(arg, cache_dir)          checks before a run writes anything (files match and hold two or
+                                 more documents, dataset prepared); raises ConfigError naming it
   load(arg, split, cache_dir)    the documents: a random-access Sequence[str]
 """
 
@@ -219,7 +219,10 @@ class TextFiles:
 
   @classmethod
   def check(cls, arg: str, cache_dir: str) -> None:
-    _files(cls.kind, arg)
+    docs = cls.docs(_files(cls.kind, arg))  # (JSONL: one scan for line offsets)
+    if len(docs) < 2:
+      raise ConfigError(f"data source {cls.kind}:{arg} holds {len(docs)} document(s); it needs 2 or more (every 50th is validation)")
+    docs[0], docs[len(docs) - 1]  # a malformed first or last document fails here; others when read
 
   @classmethod
   def load(cls, arg: str, split: str, cache_dir: str) -> Sequence[str]:

@@ -26,6 +26,8 @@ def test_text_files_by_glob_one_document_each(tmp_path):
   assert sorted([*train, *val]) == sorted(docs(120))
   with pytest.raises(ConfigError, match="no files match"):
     sources.check(f"text:{tmp_path}/*.md")
+  with pytest.raises(ConfigError, match="holds 1 document"):  # nothing left for train after validation
+    sources.check(f"text:{tmp_path}/part0/000.txt")
 
 
 def test_jsonl_by_glob_skips_blank_lines_and_reads_lazily(tmp_path):
@@ -41,9 +43,9 @@ def test_jsonl_by_glob_skips_blank_lines_and_reads_lazily(tmp_path):
   train = sources.load(key, "train")
   with pytest.raises(ConfigError, match=r"d\.jsonl byte \d+: not a JSON object with a 'text' field"):
     train[len(train) - 1]
-  (tmp_path / "e.jsonl").write_text("not json\n")
-  with pytest.raises(ConfigError, match=r"e\.jsonl"):
-    sources.load(f"jsonl:{tmp_path}/e.jsonl", "train")
+  (tmp_path / "e.jsonl").write_text(json.dumps({"text": "ok"}) + "\nnot json\n")
+  with pytest.raises(ConfigError, match=r"e\.jsonl byte 15"):
+    sources.check(f"jsonl:{tmp_path}/e.jsonl")  # the last line is read by the check
 
 
 def test_arrayrecord_files(tmp_path):
