@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,5 +28,14 @@ class Embed(nnx.Module):
 
   def attend(self, x_bld: jax.Array) -> jax.Array:
     """Logits [B, L, V] = x @ w_vd^T, accumulated in float32."""
-    logits = jnp.einsum("bld,vd->blv", x_bld, self.w_vd[...].astype(self.dtype), preferred_element_type=jnp.float32)
-    return shard(logits, "batch", "seq", "vocab")
+    return self.attend_fn()(x_bld)
+
+  def attend_fn(self) -> Callable[[jax.Array], jax.Array]:
+    """`attend` as a pure function of x_bld, the table read once (callable inside jax transforms)."""
+    w_vd = self.w_vd[...].astype(self.dtype)
+
+    def attend(x_bld: jax.Array) -> jax.Array:
+      logits = jnp.einsum("bld,vd->blv", x_bld, w_vd, preferred_element_type=jnp.float32)
+      return shard(logits, "batch", "seq", "vocab")
+
+    return attend

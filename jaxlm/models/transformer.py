@@ -14,7 +14,7 @@ Aux. Each FFN may return `{"losses": {...}, "metrics": {...}}`; the model return
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,8 @@ class Unit(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Llama-style decoder. `model(tokens, segment_ids=, positions=) -> (logits [B,L,V] f32, aux)`."""
+  """Llama-style decoder. `model(tokens, segment_ids=, positions=) -> (logits [B,L,V] f32, aux)`,
+  which is `model.head_fn()(model.hidden(tokens, ...)[0])`."""
 
   # Cache slots before a row's first token (a wrapper that puts virtual tokens there, e.g. prompt
   # tuning, says how many): generation points row b's write index at cache_offset + its length.
@@ -178,12 +179,24 @@ class Transformer(nnx.Module):
     }
     return x_bld, combine_aux([combine_aux(auxes), flat], stacked=True), (new_cache if cache is not None else None)
 
-  def _head(self, x_bld):
-    x_bld = self.final_norm(x_bld)
+  def head_fn(self) -> Callable[[jax.Array], jax.Array]:
+    """The output head as a pure function: final hidden states x_bld (after the final norm) ->
+    logits [B, L, V] in float32.
+
+    The weights are read once, here, so the function can be called inside jax transforms: the
+    train step applies it chunk by chunk (`jaxlm.train.loss`) and never holds the whole float32
+    [B, L, V] logits. An adapted head reads its dropout key here too: a LoRA dropout on the head
+    draws the same mask pattern in every chunk.
+    """
     if self.cfg.tie_embeddings:
-      return self.embed.attend(x_bld)
-    logits = project("bld,dv->blv", x_bld, self.lm_head[...], preferred_element_type=jnp.float32)
-    return shard(logits, "batch", "seq", "vocab")
+      return self.embed.attend_fn()
+    w_dv = self.lm_head[...]
+
+    def head(x_bld: jax.Array) -> jax.Array:
+      logits = project("bld,dv->blv", x_bld, w_dv, preferred_element_type=jnp.float32)
+      return shard(logits, "batch", "seq", "vocab")
+
+    return head
 
   # -- public ------------------------------------------------------------------------------
 
@@ -204,12 +217,24 @@ class Transformer(nnx.Module):
   ) -> tuple[jax.Array, Aux]:
     """Logits [B, L, V] in float32 and aux, from tokens [B, L] or input `embeddings` [B, L, D].
     Packed batches pass segment_ids (0 = padding; < 0: keys every document sees, see attention)."""
+    x_bld, aux = self.hidden(tokens_bl, segment_ids=segment_ids, positions=positions, embeddings=embeddings)
+    return self.head_fn()(x_bld), aux
+
+  def hidden(
+      self,
+      tokens_bl: jax.Array | None = None,
+      *,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      embeddings: jax.Array | None = None,
+  ) -> tuple[jax.Array, Aux]:
+    """Final hidden states [B, L, D] (after the final norm; `head_fn()` maps them to logits) and aux."""
     with jax.named_scope("transformer"):
       x_bld = self._inputs(tokens_bl, embeddings)
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x_bld.shape[1], dtype=jnp.int32), x_bld.shape[:2])
       x_bld, aux, _ = self._layers(x_bld, positions, segment_ids, None)
-      return self._head(x_bld), aux
+      return self.final_norm(x_bld), aux
 
   def _ffns(self) -> list[Any]:
     """Layer i's FFN module; with scanned layers, unit position j's (stacked) module stands for its layers."""
@@ -254,7 +279,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = cache_index(cache)[:, None] + jnp.arange(x_bld.shape[1], dtype=jnp.int32)[None, :]
     x_bld, _, cache = self._layers(x_bld, positions, segment_ids, cache)
-    return self._head(x_bld), cache
+    return self.head_fn()(self.final_norm(x_bld)), cache
 
 
 def cache_index(cache: dict[str, Any]) -> jax.Array:

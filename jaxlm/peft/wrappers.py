@@ -71,7 +71,7 @@ class PromptTuning(Wrapper):
   """A Transformer (`model`) behind P learned virtual tokens (`prompt` [P, D]).
 
   `wrapper(tokens, segment_ids=, positions=) -> (logits [B, L, V], aux)`: logits of the real
-  tokens only, as the plain model would give them.
+  tokens only, as the plain model would give them (`hidden` and `head_fn` likewise).
   """
 
   def __init__(self, model: nnx.Module, prompt_len: int, *, key: jax.Array):
@@ -109,10 +109,18 @@ class PromptTuning(Wrapper):
     )
 
   def __call__(self, tokens_bl: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+    x_bld, aux = self.hidden(tokens_bl, segment_ids=segment_ids, positions=positions)
+    return self.head_fn()(x_bld), aux
+
+  def hidden(self, tokens_bl: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+    """Final hidden states of the real tokens [B, L, D] and aux (`Transformer.hidden`)."""
     with jax.named_scope("prompt_tuning"):
       x_bld, seg, pos = self._with_prompt(tokens_bl, segment_ids, positions)
-      logits, aux = self.model(embeddings=x_bld, segment_ids=seg, positions=pos)
-      return logits[:, self.cache_offset :], aux
+      x_bld, aux = self.model.hidden(embeddings=x_bld, segment_ids=seg, positions=pos)
+      return x_bld[:, self.cache_offset :], aux
+
+  def head_fn(self):
+    return self.model.head_fn()
 
   def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
     """The model's cache with P more slots per row, marked fresh (None: a pytree node without leaves)."""
