@@ -1,7 +1,8 @@
 """`jaxlm train|eval|generate|inspect|convert|merge`: parse, load the experiment, call into the library.
 
 Bad input (an unknown key, a bad value, a mesh that does not fit, a missing file) is printed
-as one line `jaxlm: error: ...` with exit code 2, before anything is written.
+as one line `jaxlm: error: ...` with exit code 2, before anything is written. A run that cannot
+go on (a non-finite loss with train.nonfinite=stop) is one such line too, with exit code 1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, TrainingError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
     return 2
+  except TrainingError as e:
+    print(f"jaxlm: error: {e}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print("jaxlm: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
     return 130
