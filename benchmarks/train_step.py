@@ -2,7 +2,9 @@
 
 FLOPs ratio = XLA's `cost_analysis` of the whole compiled train step (forward, backward,
 optimizer) / the analytical model FLOPs of `jaxlm.train.flops` (6N + attention, per token, x
-tokens per step). Layers are unrolled for this count: XLA counts a `scan` body only once.
+tokens per step). Layers are unrolled and the loss is computed in one piece (train.loss_chunk=0)
+for this count: XLA counts a `scan` body only once (the loss's chunks add one forward matmul of
+the head, 2 x D x V FLOPs per token: benchmarks/loss_memory.py).
 Goal: <= 1.10 (no wasted compute). Throughput is measured on whatever backend is present;
 on a CPU it only says how long `make train` takes, on an accelerator the MFU is meaningful.
 """
@@ -44,7 +46,8 @@ def measure(name: str, overrides: dict, *, steps: int) -> dict:
     exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, dtype="float32"))  # CPUs have no fast bf16
   b, l = exp.data.batch_size, exp.data.seq_len
   # The FLOPs ratio at the full batch, from an abstract state (nothing allocated).
-  compiled_flops = aot.summary(aot.compile_train_step(exp, jax.devices()))["flops"]
+  one_piece = dataclasses.replace(exp, train=dataclasses.replace(exp.train, loss_chunk=0))
+  compiled_flops = aot.summary(aot.compile_train_step(one_piece, jax.devices()))["flops"]
   analytical = flops.train_flops_per_token(exp.model, l) * b * l
   result = {
       "experiment": name,

@@ -273,7 +273,8 @@ class ModelConfig:
 class DataConfig:
   """Sources, mixture, tokenizer and packing. Batches are global: split over hosts and devices."""
 
-  mixture: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"stdlib_prose": 0.5, "stdlib_code": 0.5})  # {source: weight}
+  mixture: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"stdlib_prose": 0.5, "stdlib_code": 0.5})  # {source: weight}: shares of training tokens (sources: jaxlm.data.sources)
+  stages: tuple[tuple[int, Mapping[str, float]], ...] = ()  # ((step, {source: weight}), ...): after `step` optimizer steps these weights replace the previous ones (sources from data.mixture; one left out gets 0)
   seq_len: int = 256  # tokens per packed sequence
   batch_size: int = 16  # global batch in sequences (per optimizer step, before gradient accumulation split)
   tokenizer: str = "byte"  # tokenizer kind (jaxlm.data.tokenizers registry): byte, sentencepiece or hf
@@ -291,6 +292,7 @@ class DataConfig:
     for k, w in self.mixture.items():
       _check(isinstance(w, (int, float)) and w >= 0, f"data.mixture[{k!r}] must be a weight >= 0, got {w!r}")
     _check(sum(self.mixture.values()) > 0, "data.mixture weights must not all be 0")
+    object.__setattr__(self, "stages", self._checked_stages())
     _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
     _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
     from jaxlm.data.tokenizers import TOKENIZERS
@@ -299,8 +301,27 @@ class DataConfig:
     _check(self.similarity in ("none", "exact", "lsh", "auto"), f"data.similarity must be none, exact, lsh or auto, got {self.similarity!r}")
     _check(self.similarity_neighbors >= 1, f"data.similarity_neighbors must be >= 1, got {self.similarity_neighbors}")
 
+  def _checked_stages(self) -> tuple[tuple[int, dict[str, float]], ...]:
+    """data.stages as ((step, {source: weight}), ...), steps increasing from 1 (lists accepted)."""
+    _check(isinstance(self.stages, (tuple, list)), f"data.stages must be a tuple of (step, {{source: weight}}) pairs, got {self.stages!r}")
+    out, last = [], 0
+    for i, stage in enumerate(self.stages):
+      where = f"data.stages[{i}]"
+      _check(isinstance(stage, (tuple, list)) and len(stage) == 2, f"{where} must be a (step, {{source: weight}}) pair, got {stage!r}")
+      step, weights = stage
+      _check(isinstance(step, int) and not isinstance(step, bool) and step > last, f"{where}: the step must be an integer > {last} (steps increase), got {step!r}")
+      _check(isinstance(weights, Mapping) and len(weights) > 0, f"{where}: the weights must be a non-empty {{source: weight}} mapping, got {weights!r}")
+      for k, w in weights.items():
+        _check(k in self.mixture, f"{where}: source {k!r} is not in data.mixture ({', '.join(self.mixture)}); add it there (weight 0 until this stage)")
+        _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0, f"{where}[{k!r}] must be a weight >= 0, got {w!r}")
+      _check(sum(weights.values()) > 0, f"{where}: the weights must not all be 0")
+      out.append((step, dict(weights)))
+      last = step
+    return tuple(out)
+
   def __hash__(self):  # mixture is a dict; hash by value so configs can be compared and cached
-    return hash((tuple(sorted(self.mixture.items())), self.seq_len, self.batch_size, self.tokenizer, self.sp_model, self.tokenizer_path))
+    stages = tuple((step, tuple(sorted(w.items()))) for step, w in self.stages)
+    return hash((tuple(sorted(self.mixture.items())), stages, self.seq_len, self.batch_size, self.tokenizer, self.sp_model, self.tokenizer_path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +354,10 @@ class TrainConfig:
   seed: int = 0  # parameter init and data order
   grad_accum: int = 1  # microbatches per optimizer step (data.batch_size is split into these)
   z_loss_weight: float = 0.0  # weight of mean(logsumexp(logits)^2) (PaLM z-loss)
+  loss_chunk: int = 2048  # tokens per device in one chunk of the loss: the float32 logits exist one chunk at a time (0: all at once)
+  nonfinite: str = "skip"  # on a NaN/Inf loss or gradient: "skip" the update (counted, logged) or "stop" the run naming the step
+  spike_sigma: float = 0.0  # skip an update whose loss exceeds the rolling mean by this many rolling standard deviations (0: off)
+  spike_window: int = 100  # steps in the rolling loss mean and deviation; no spike is judged before this many
   eval_every: int = 100  # steps between evaluations (0: only at the end)
   eval_batches: int = 4  # batches per source per evaluation
   checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
@@ -343,9 +368,11 @@ class TrainConfig:
   def __post_init__(self):
     _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
     _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
-    for f in ("eval_every", "eval_batches", "checkpoint_every", "sample_tokens", "z_loss_weight"):
+    for f in ("eval_every", "eval_batches", "checkpoint_every", "sample_tokens", "z_loss_weight", "loss_chunk", "spike_sigma"):
       _check(getattr(self, f) >= 0, f"train.{f} must be >= 0")
     _check(self.log_every >= 1, "train.log_every must be >= 1")
+    _check(self.nonfinite in ("skip", "stop"), f"train.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+    _check(self.spike_window >= 1, f"train.spike_window must be >= 1, got {self.spike_window}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +382,7 @@ class CheckpointConfig:
   enabled: bool = True  # save checkpoints at all
   max_to_keep: int = 3  # newest checkpoints kept
   async_save: bool = True  # write in the background while training continues
+  save_on_sigterm: bool = True  # on SIGTERM (preemption): checkpoint at the next step boundary and exit 0
 
   def __post_init__(self):
     _check(self.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")

@@ -23,6 +23,7 @@ opens the directory, so they never block a later save of the same step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -94,7 +95,12 @@ def digests(tree: Any) -> dict[str, list[int]]:
   """{leaf path: [sum, weighted sum]} of every array in `tree` (computed where the arrays live)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   arrays = {jax.tree_util.keystr(p): x for p, x in flat if isinstance(x, jax.Array)}
-  return {k: [int(w) for w in np.asarray(v)] for k, v in jax.device_get(_tree_digests(arrays)).items()}
+  # Under the arrays' own mesh whatever the caller's: the ambient mesh is part of jit's cache key,
+  # and a restore (outside the loop's mesh context) and the saves (inside it) should share one compile.
+  meshes = {x.sharding.mesh for x in arrays.values() if isinstance(x.sharding, jax.sharding.NamedSharding)}
+  with jax.set_mesh(meshes.pop()) if len(meshes) == 1 else contextlib.nullcontext():
+    out = jax.device_get(_tree_digests(arrays))
+  return {k: [int(w) for w in np.asarray(v)] for k, v in out.items()}
 
 
 def _first_line(e: BaseException) -> str:

@@ -21,16 +21,18 @@ from flax import nnx
 
 from jaxlm import sharding
 from jaxlm.config import Experiment, to_dict
-from jaxlm.data import pipeline, sources
-from jaxlm.errors import ConfigError
+from jaxlm.data import hosts, mixture, pipeline, sources
+from jaxlm.errors import ConfigError, TrainingError
 from jaxlm import peft
 from jaxlm.layers import FFN
 from jaxlm.train import flops, hooks, optimizer, plots
-from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.checkpoint import Checkpointer, restore_target
+from jaxlm.train.preemption import Preemption, signal_at
 from jaxlm.train.metrics import MetricsWriter
 from jaxlm.data import tokenizers
 from jaxlm.train.run import CHECKPOINTS, CONFIG_FILE, INIT_FILE, PEFT_INPUTS_FILE, check_resumable, initial_model, load_config, read_record, record, resolve_init, save_config, tokenizer_for
-from jaxlm.train.step import JittedStep, TrainState, make_eval_step, make_train_step, split_model, state_shardings
+from jaxlm.train.guard import SkipReport, all_finite
+from jaxlm.train.step import JittedStep, TrainState, guarded_optimizer, make_eval_step, make_train_step, split_model, state_shardings
 
 
 @dataclasses.dataclass
@@ -62,8 +64,8 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
     )
   if exp.data.batch_size % jax.process_count():
     raise ConfigError(f"data.batch_size ({exp.data.batch_size}) must be divisible by the number of processes ({jax.process_count()})")
-  for name in exp.data.mixture:
-    sources.check(name)
+  for name in mixture.source_names(exp.data.mixture, exp.data.stages):
+    sources.check(name, exp.data.cache_dir)
   if (tok := tokenizers.load(exp.data)) is not None:  # a tokenizer the config names (not one still to train)
     tokenizers.check_vocab(tok, exp.model.vocab_size)
   for kind in sorted(set(exp.model.ffn_kinds)):  # FFN kinds check what depends on the mesh
@@ -92,21 +94,22 @@ def prepare(exp: Experiment, devices: list | None = None, *, abstract: bool = Fa
     if not jax.tree.leaves(params):
       raise ConfigError(f"peft.method={exp.peft.method!r} leaves nothing to train")
     tx, lr = optimizer.make(exp.optim, exp.train.steps)
+    guarded_tx = guarded_optimizer(tx, exp)  # the state's optimizer: make_train_step wraps `tx` alike
     # Outside the mesh context: optax builds its placeholder state eagerly on the default device.
-    shardings = state_shardings((graphdef, params, frozen, rest), tx, mesh, rules)
+    shardings = state_shardings((graphdef, params, frozen, rest), guarded_tx, mesh, rules)
   with sharding.use_rules(rules), jax.set_mesh(mesh):
     if abstract:
       with_sharding = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
       params, frozen, rest = with_sharding(params, shardings.params), with_sharding(frozen, shardings.frozen), with_sharding(rest, shardings.rest)
-      opt_state = with_sharding(jax.eval_shape(tx.init, params), shardings.opt_state)
+      opt_state = with_sharding(jax.eval_shape(guarded_tx.init, params), shardings.opt_state)
       step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step)
     else:
-      opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+      opt_state = jax.jit(guarded_tx.init, out_shardings=shardings.opt_state)(params)
       step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     state = TrainState(step=step, params=params, frozen=frozen, rest=rest, opt_state=opt_state)
     batch_sh = sharding.batch_sharding(mesh)
   train_step = JittedStep(make_train_step(graphdef, tx, lr, exp), shardings, batch_sh)
-  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, shardings.frozen, shardings.rest, batch_sh))
+  eval_step = jax.jit(make_eval_step(graphdef, exp.train.loss_chunk), in_shardings=(shardings.params, shardings.frozen, shardings.rest, batch_sh))
   return Setup(exp, mesh, rules, graphdef, state, shardings, batch_sh, train_step, eval_step, lr)
 
 
@@ -143,8 +146,8 @@ def measure_peft_inputs(exp: Experiment, run_dir: Path, init: dict[str, Any] | N
 
 
 def to_global(batch: dict[str, np.ndarray], sharding_: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
+  """This process's rows -> global arrays sharded over the batch axes (host-side fields dropped)."""
+  return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items() if k not in pipeline.HOST_FIELDS}
 
 
 def datasets(exp: Experiment, tokenizer, split: str, *, per_source: bool = False):
@@ -158,10 +161,10 @@ def datasets(exp: Experiment, tokenizer, split: str, *, per_source: bool = False
       process_count=jax.process_count(),
   )
   if per_source:
-    names = [n for n, w in exp.data.mixture.items() if w > 0]
+    names = mixture.source_names(exp.data.mixture, exp.data.stages)
     return {n: pipeline.lm_dataset({n: 1.0}, split, tokenizer, shuffle=False, **kw) for n in names}
-  similar = dict(similarity=exp.data.similarity, similarity_neighbors=exp.data.similarity_neighbors)  # training order only
-  return pipeline.lm_dataset(exp.data.mixture, split, tokenizer, shuffle=exp.data.shuffle, **kw, **similar)
+  similar = dict(similarity=exp.data.similarity, similarity_neighbors=exp.data.similarity_neighbors, hosts=hosts.current())  # training order only
+  return pipeline.lm_dataset(exp.data.mixture, split, tokenizer, shuffle=exp.data.shuffle, stages=exp.data.stages, **kw, **similar)
 
 
 def evaluate(setup: Setup, state: TrainState, eval_sets: dict[str, Any], n_batches: int) -> dict[str, Any]:
@@ -185,9 +188,44 @@ def evaluate(setup: Setup, state: TrainState, eval_sets: dict[str, Any], n_batch
   return record
 
 
+def resume(setup: Setup, ckpt: Checkpointer | None, train_iter: Any) -> tuple[TrainState, int]:
+  """(state, step) of the newest good checkpoint (`Checkpointer.restore_latest`), or the setup's
+  fresh state and 0 when there is none.
+
+  The fresh arrays are freed before restoring (only their shapes and shardings are needed), so
+  the restore never holds two copies of the state, and the restored arrays are donated to the
+  first step like any other: that step's memory is a steady-state step's.
+  """
+  fresh = setup.state
+  if ckpt is None or not ckpt.all_steps():
+    return fresh, 0
+  target = restore_target(fresh.replace(frozen=None))  # frozen weights are not checkpointed: they stay
+  for x in jax.tree.leaves((fresh.step, fresh.params, fresh.rest, fresh.opt_state)):
+    if isinstance(x, jax.Array):  # (an abstract setup holds ShapeDtypeStructs)
+      x.delete()
+  step, restored = ckpt.restore_latest(params=target.params, rest=target.rest, opt_state=target.opt_state, data_iterator=train_iter)
+  state = fresh.replace(
+      step=jax.device_put(jnp.asarray(restored["opt_state"]["step"], jnp.int32), setup.shardings.step),
+      params=restored["params"],
+      rest=restored.get("rest", fresh.rest),
+      opt_state=restored["opt_state"]["opt_state"],
+  )
+  setup.state = state
+  return state, step
+
+
 def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
-  """Train (or resume) `exp` in `run_dir`; returns a summary of the run."""
-  run_dir = Path(run_dir)
+  """Train (or resume) `exp` in `run_dir`; returns a summary of the run.
+
+  SIGTERM (preemption) checkpoints the current step and returns early (`jaxlm.train.preemption`;
+  `checkpoint.save_on_sigterm`); SIGKILL at any point loses only the steps since the newest
+  checkpoint: rerunning continues bit-identically.
+  """
+  with Preemption(exp.checkpoint.enabled and exp.checkpoint.save_on_sigterm) as preempt:
+    return _train(exp, Path(run_dir), preempt)
+
+
+def _train(exp: Experiment, run_dir: Path, preempt: Preemption) -> dict[str, Any]:
   validate(exp, run_dir)
   is_main = jax.process_index() == 0
   init = resolve_init(exp, run_dir)
@@ -203,17 +241,7 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   eval_sets = datasets(exp, tokenizer, "validation", per_source=True)
   ckpt = Checkpointer(run_dir / CHECKPOINTS, exp.checkpoint) if exp.checkpoint.enabled else None
 
-  state = setup.state
-  latest = ckpt.latest_step() if ckpt else None
-  start = latest or 0
-  if latest is not None:  # step 0 too: `jaxlm convert upcycle` writes a run that starts from a checkpoint
-    restored = ckpt.restore(start, params=state.params, rest=state.rest, opt_state=state.opt_state, data_iterator=train_iter)
-    state = state.replace(
-        step=jax.device_put(jnp.asarray(restored["opt_state"]["step"], jnp.int32), setup.shardings.step),
-        params=restored["params"],
-        rest=restored.get("rest", state.rest),
-        opt_state=restored["opt_state"]["opt_state"],
-    )
+  state, start = resume(setup, ckpt, train_iter)  # step 0 too: `jaxlm convert upcycle` writes a run that starts from a checkpoint
   if start >= tcfg.steps:
     print(f"{run_dir}: already trained to step {start} (train.steps = {tcfg.steps}); nothing to do")
     return {"steps": start}
@@ -232,7 +260,22 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   if exp.peft.method != "none":
     writer.print(f"peft {exp.peft.method}: {n_trainable:,} trainable parameters of {n_trainable + n_frozen:,} ({n_trainable / (n_trainable + n_frozen):.2%})")
 
+  def last_checkpoint() -> int | None:
+    if ckpt is None:
+      return None
+    ckpt.wait()  # a save in flight is the last good checkpoint
+    return ckpt.latest_step()
+
+  note_skips = SkipReport(tcfg, jax.device_get(state.opt_state.guard), writer.print, last_checkpoint)
+  state_is_finite = jax.jit(all_finite)
+
   def save(step_no: int) -> None:
+    # Never checkpoint a non-finite state: the guard keeps NaN/Inf out of the updates; this
+    # also catches whatever else could bring them in (an initial checkpoint, a state hook).
+    g = jax.device_get(state.opt_state.guard)
+    note_skips(step_no, g.skipped_nonfinite, g.skipped_spikes, g.last_nonfinite_step)
+    if ckpt is not None and not bool(state_is_finite((state.params, state.rest, state.opt_state))):
+      raise TrainingError(f"step {step_no}: the train state holds NaN or Inf values; not checkpointed (the last checkpoint is step {last_checkpoint()})")
     if ckpt is not None:
       ckpt.save(step_no, params=state.params, rest=state.rest, opt_state=state.opt_state, data_iterator=train_iter, config=to_dict(exp))
 
@@ -246,7 +289,9 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
   first_eval = run_eval(start) if start == 0 and tcfg.eval_every else None
   t_start = time.perf_counter()
   with sharding.use_rules(setup.rules), jax.set_mesh(setup.mesh):
-    batch = to_global(next(train_iter), setup.batch_sharding)
+    source_tokens = mixture.TokenCounter(mixture.source_names(exp.data.mixture, exp.data.stages), jax.process_count())
+    host_batch = next(train_iter)
+    batch = to_global(host_batch, setup.batch_sharding)
     t0 = time.perf_counter()
     compiled = setup.train_step.lower(state, batch).compile()
     mem = step_memory(compiled)
@@ -265,6 +310,7 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
     def log(step_no: int, metrics: Any) -> None:
       nonlocal mark_step, mark_t, tok_s
       metrics = jax.device_get(metrics)
+      note_skips(step_no, metrics["skipped_nonfinite"], metrics["skipped_spikes"], metrics["last_nonfinite_step"])
       now = time.perf_counter()
       tok_s = (step_no - mark_step) * tokens_per_step / max(now - mark_t, 1e-9)
       mark_step, mark_t = step_no, now
@@ -281,17 +327,20 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
         )
 
     step_no = start
+    stopped = preempt.reached(step_no)  # SIGTERM during start-up: the newest checkpoint holds this state
     try:
-      while step_no < tcfg.steps:
+      while step_no < tcfg.steps and not stopped:
         state, metrics = compiled(state, batch)
+        source_tokens.add(host_batch)
         step_no += 1
+        signal_at("step", step_no)
         if step_no in hooks:
           state = hooks[step_no](state)
         if pending is not None:
           log(*pending)  # read step N-1's metrics only after step N is dispatched
           pending = None
         if step_no % tcfg.log_every == 0 or step_no == tcfg.steps:
-          pending = (step_no, metrics)
+          pending = (step_no, {**metrics, **source_tokens.take()})  # tokens of each source since the last line
         writer.advance(1)
         is_last = step_no == tcfg.steps
         do_eval = tcfg.eval_every and (step_no % tcfg.eval_every == 0) or is_last
@@ -304,14 +353,28 @@ def train(exp: Experiment, run_dir: Path) -> dict[str, Any]:
             last_eval = run_eval(step_no)
           if do_ckpt:
             save(step_no)
+            signal_at("save", step_no)
           mark_step, mark_t = step_no, time.perf_counter()  # keep eval and checkpoint time out of tokens/s
-        if not is_last:
-          batch = to_global(next(train_iter), setup.batch_sharding)
+        if not is_last and preempt.reached(step_no):  # before the next batch: the saved data state matches
+          if pending is not None:
+            log(*pending)
+            pending = None
+          if not do_ckpt:
+            save(step_no)
+          stopped = True
+        elif not is_last:
+          host_batch = next(train_iter)
+          batch = to_global(host_batch, setup.batch_sharding)
     finally:  # also on Ctrl-C: let a checkpoint being written finish, flush the metrics
       if ckpt is not None:
         ckpt.wait()
         ckpt.close()
       writer.close()
+  if stopped:
+    if is_main:
+      saved = f"checkpoint of step {step_no} saved" if step_no > start else "no step taken, nothing new to save"
+      print(f"stopped by SIGTERM at step {step_no}: {saved}; rerun the same command to resume", flush=True)
+    return {"steps": step_no, "preempted": True}
   minutes = (time.perf_counter() - t_start) / 60
   pictures = plots.write_all(run_dir, writer.history) if is_main else []
   summary = {

@@ -6,7 +6,11 @@ weights under PEFT, empty otherwise) and the rest (non-trainable state). The sta
 pytree (step, params, frozen, rest, opt_state): jitted with explicit shardings and checkpointed
 as is. Gradients are taken only with respect to `params`, so the backward pass never forms the
 frozen weights' gradients, and the optimizer holds moments for `params` only. `JittedStep`
-donates the state except `frozen` (which is never rewritten).
+donates the state except `frozen` (which is never rewritten). `opt_state` also holds the guard
+that skips non-finite updates and loss spikes (`jaxlm.train.guard`), checkpointed with it.
+
+The loss is computed from the model's final hidden states and its output head in chunks of
+`train.loss_chunk` positions (`jaxlm.train.loss`): the float32 logits never exist whole.
 
 A batch may carry `adapter_ids` [B]: the adapter of every example when the model holds a bank
 of adapters (`jaxlm.peft.use_adapter`), in training as in evaluation.
@@ -25,6 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm import sharding
 from jaxlm.config import Experiment
 from jaxlm.layers.linear import use_adapter
+from jaxlm.train import guard
+from jaxlm.train.loss import chunked_token_losses, token_losses  # noqa: F401 (token_losses: re-exported)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -35,7 +41,7 @@ class TrainState(struct.PyTreeNode):
   params: nnx.State  # trainable variables (the PEFT config's filter; every nnx.Param by default)
   frozen: nnx.State  # parameters that are not trained (the base model under PEFT): never donated or re-saved
   rest: nnx.State  # everything else the model holds (non-trainable state)
-  opt_state: optax.OptState
+  opt_state: guard.Guarded  # the optimizer's state behind the guard against bad updates
 
 
 def is_parameter(path: Any, v: Any) -> bool:
@@ -63,13 +69,17 @@ def state_shardings(split: tuple[Any, nnx.State, nnx.State, nnx.State], tx: opta
   return TrainState(step=replicated, params=p_sh, frozen=f_sh, rest=r_sh, opt_state=o_sh)
 
 
-def token_losses(logits_blv: jax.Array, targets_bl: jax.Array, mask_bl: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(sum of cross-entropy, sum of logsumexp^2 (z-loss), number of tokens) over masked tokens."""
-  logits = logits_blv.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets_bl[..., None], axis=-1)[..., 0]
-  m = mask_bl.astype(jnp.float32)
-  return jnp.sum((lse - target_logit) * m), jnp.sum(lse * lse * m), jnp.sum(m)
+def guarded_optimizer(tx: optax.GradientTransformation, exp: Experiment) -> optax.GradientTransformationExtraArgs:
+  """The optimizer whose state the train state holds: `tx` behind the guard that skips
+  non-finite updates and loss spikes (`jaxlm.train.guard`)."""
+  return guard.guarded(tx, exp.train)
+
+
+def _model(graphdef, params, frozen, rest, *, train: bool) -> nnx.Module:
+  model = nnx.merge(graphdef, params, frozen, rest, copy=True)  # fresh Variables: layers may update them in this trace
+  if not train:
+    model.eval()
+  return model
 
 
 def _forward(graphdef, params, frozen, rest, batch, *, train: bool):
@@ -80,12 +90,20 @@ def _forward(graphdef, params, frozen, rest, batch, *, train: bool):
   returned so the step can carry it. In evaluation (`model.eval()`: `deterministic=True` on
   every module that has the attribute) they must not.
   """
-  model = nnx.merge(graphdef, params, frozen, rest, copy=True)  # fresh Variables: layers may update them in this trace
-  if not train:
-    model.eval()
+  model = _model(graphdef, params, frozen, rest, train=train)
   with use_adapter(batch.get("adapter_ids")):
     logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
   return logits, aux, nnx.state(model, nnx.Not(is_parameter))
+
+
+def _losses(graphdef, params, frozen, rest, batch, *, train: bool, chunk: int):
+  """(cross-entropy sum, z-loss sum, token count), aux and the model's non-trainable state after
+  the call, like `_forward` but with the loss computed `chunk` positions at a time (`jaxlm.train.loss`)."""
+  model = _model(graphdef, params, frozen, rest, train=train)
+  with use_adapter(batch.get("adapter_ids")):
+    x_bld, aux = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    losses = chunked_token_losses(model.head_fn(), x_bld, batch["targets"], batch["loss_mask"], chunk=chunk)
+  return losses, aux, nnx.state(model, nnx.Not(is_parameter))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr: optax.Schedule, exp: Experiment) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -93,13 +111,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
 
   The objective is token-weighted over the whole batch: every microbatch contributes its
   cross-entropy sum divided by the batch's token count, so accumulation gives exactly the
-  full-batch gradient. Auxiliary losses (MoE balance, ...) are averaged over microbatches.
+  full-batch gradient. Auxiliary losses (MoE balance, ...) are averaged over microbatches. The
+  cross-entropy is computed `train.loss_chunk` positions at a time.
+
+  `tx` is the plain optimizer; the state's `opt_state` is `guarded_optimizer(tx, exp)`'s. A
+  skipped update (a non-finite loss or gradient, a loss spike: `jaxlm.train.guard`) leaves
+  params, optimizer state and the model's non-trainable state bit-identical; `state.step` counts
+  batches and advances anyway. The metrics count the skipped updates since the run began.
   """
-  accum, z_weight = exp.train.grad_accum, exp.train.z_loss_weight
+  accum, z_weight, chunk = exp.train.grad_accum, exp.train.z_loss_weight, exp.train.loss_chunk
+  tx = guarded_optimizer(tx, exp)
 
   def loss_fn(params, frozen, rest, mb, n_total):
-    logits, aux, rest = _forward(graphdef, params, frozen, rest, mb, train=True)
-    ce, z, n = token_losses(logits, mb["targets"], mb["loss_mask"])
+    (ce, z, n), aux, rest = _losses(graphdef, params, frozen, rest, mb, train=True, chunk=chunk)
     aux_losses = aux.get("losses", {})
     loss = ce / n_total + z_weight * z / n_total + sum(aux_losses.values(), jnp.float32(0)) / accum
     stats = {
@@ -135,16 +159,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
       stats0 = jax.eval_shape(lambda: grad_fn(state.params, state.frozen, state.rest, jax.tree.map(lambda x: x[0], mbs), n_total)[1][0])
       init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0), state.rest)
       (grads, stats, rest), _ = jax.lax.scan(body, init, mbs)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     ce = stats.pop("ce_sum") / n_total
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=ce, step=state.step + 1)
+    g = opt_state.guard
+    keep = lambda new, old: jnp.where(g.applied, new, old)  # bitwise the old values on a skipped update
+    params = jax.tree.map(keep, optax.apply_updates(state.params, updates), state.params)
+    rest = jax.tree.map(keep, rest, state.rest)
+    skipped_before = state.opt_state.guard.skipped_nonfinite + state.opt_state.guard.skipped_spikes
     metrics = {
         "loss": ce,
         "z_loss": stats.pop("z_sum") / n_total,
         "tokens": stats.pop("tokens"),
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
-        "lr": lr(state.step),
+        "lr": lr(state.step - skipped_before),  # the schedule advances with applied updates only
+        "skipped_nonfinite": g.skipped_nonfinite,
+        "skipped_spikes": g.skipped_spikes,
+        "last_nonfinite_step": g.last_nonfinite_step,
         **stats,
     }
     return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state), metrics
@@ -152,12 +183,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, nnx.State, nnx.State, Batch], Metrics]:
-  """Sum of cross-entropy and token count on one batch, plus the model's aux metrics."""
+def make_eval_step(graphdef: nnx.GraphDef, loss_chunk: int = 0) -> Callable[[nnx.State, nnx.State, nnx.State, Batch], Metrics]:
+  """Sum of cross-entropy and token count on one batch (`loss_chunk` positions at a time, as in
+  training), plus the model's aux metrics."""
 
   def eval_step(params, frozen, rest, batch):
-    logits, aux, _ = _forward(graphdef, params, frozen, rest, batch, train=False)
-    ce, _, n = token_losses(logits, batch["targets"], batch["loss_mask"])
+    (ce, _, n), aux, _ = _losses(graphdef, params, frozen, rest, batch, train=False, chunk=loss_chunk)
     return {"ce_sum": ce, "tokens": n, **{f"metrics/{k}": v for k, v in aux.get("metrics", {}).items()}}
 
   return eval_step
