@@ -1,4 +1,5 @@
-"""Several hosts: two processes x two CPU devices with gloo collectives equal one process x four."""
+"""Several hosts: two processes x two CPU devices with gloo collectives equal one process x four,
+also across a checkpoint and resume."""
 
 import json
 import os
@@ -25,6 +26,7 @@ def _env(devices: int) -> dict:
 
 @pytest.mark.multihost
 def test_two_processes_equal_one(tmp_path):
+  """Five steps; the two processes checkpoint after the third and resume from it."""
   port = _free_port()
   procs = [
       subprocess.Popen(
@@ -42,7 +44,8 @@ def test_two_processes_equal_one(tmp_path):
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-3000:]
   multi, one = json.loads((tmp_path / "multi.json").read_text()), json.loads((tmp_path / "single.json").read_text())
-  assert multi["processes"] == 2 and one["processes"] == 1
+  assert multi["processes"] == 2 and one["processes"] == 1 and len(multi["losses"]) == 5
+  assert sorted(p.name for p in (tmp_path / "multi.json.ckpt").iterdir()) == ["3"]
   np.testing.assert_allclose(multi["losses"], one["losses"], rtol=1e-5)
   np.testing.assert_allclose(multi["param_sq_norm"], one["param_sq_norm"], rtol=1e-5)
 
