@@ -88,6 +88,7 @@ def test_inspect_prints_counts_memory_and_sharding(capsys):
   assert r["params_total"] == r["params_active"] > 3_000_000
 
 
+@pytest.mark.slow  # the whole CLI lifecycle, 36 s on 2 cores: make test-all (its parts have their own fast tests)
 def test_train_then_eval_and_generate_then_lora_and_merge_in_process(tmp_path, capsys):
   run_dir = tmp_path / "run"
   assert main(["train", "quickstart:smoke", "--run-dir", str(run_dir), "--set", "train.steps=2", "--set", "train.sample_tokens=0"]) == 0

@@ -25,6 +25,7 @@ def _env(devices: int) -> dict:
 
 
 @pytest.mark.multihost
+@pytest.mark.slow  # two processes, 45 s on 2 cores: make test-all
 def test_two_processes_equal_one(tmp_path):
   """Five steps; the two processes checkpoint after the third and resume from it."""
   port = _free_port()
