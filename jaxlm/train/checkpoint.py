@@ -160,12 +160,23 @@ class Checkpointer:
     """The newest committed step (its contents are checked only when restored)."""
     return next((s for s in reversed(self.all_steps()) if self.committed(s)), None)
 
-  def save(self, step: int, *, params: Any, rest: Any, opt_state: Any, data_iterator: Any, config: dict) -> None:
-    """Start writing `step` (in the background with `async_save`): the arrays are copied off the
-    devices before this returns, so the caller may donate them to the next step."""
+  @staticmethod
+  def _digested(params: Any, rest: Any, opt_state: Any) -> dict[str, Any]:
     trees = {"params": params, "opt_state": opt_state}
     if jax.tree.leaves(rest):
       trees["rest"] = rest
+    return trees
+
+  def warm_up(self, *, params: Any, rest: Any, opt_state: Any) -> None:
+    """Compile the digests of these trees now, not in the first save (1-2 s on a CPU: time that
+    a preemption notice may not leave)."""
+    for tree in self._digested(params, rest, opt_state).values():
+      digests(tree)
+
+  def save(self, step: int, *, params: Any, rest: Any, opt_state: Any, data_iterator: Any, config: dict) -> None:
+    """Start writing `step` (in the background with `async_save`): the arrays are copied off the
+    devices before this returns, so the caller may donate them to the next step."""
+    trees = self._digested(params, rest, opt_state)
     items = {
         "params": ocp.args.StandardSave(params),
         "opt_state": ocp.args.StandardSave({"step": step, "opt_state": opt_state}),

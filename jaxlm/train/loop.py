@@ -300,6 +300,8 @@ def _train(exp: Experiment, run_dir: Path, preempt: Preemption) -> dict[str, Any
         f"(state and batch {mem['arguments'] / 2**20:,.1f}, temporaries {mem['temporaries'] / 2**20:,.1f})"
     )
     hooks = state_hooks(setup, state)
+    if ckpt is not None and start == 0:  # (a restore has compiled the digests already)
+      ckpt.warm_up(params=state.params, rest=state.rest, opt_state=state.opt_state)
 
     pending: tuple[int, Any] | None = None
     last_eval = first_eval
