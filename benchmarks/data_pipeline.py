@@ -29,7 +29,7 @@ import time
 import jax
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.train_step import synthetic_batch
+from benchmarks.train_step import seconds_per_step
 from jaxlm import experiments
 from jaxlm.data import pipeline, tokenizers
 from jaxlm.train import flops, loop
@@ -62,17 +62,7 @@ def measured_step(exp, *, steps: int) -> dict:
   if jax.default_backend() == "cpu":
     exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, dtype="float32"))
   b, l = exp.data.batch_size, exp.data.seq_len
-  setup = loop.prepare(exp)
-  with jax.set_mesh(setup.mesh):
-    batch = loop.to_global(synthetic_batch(b, l, exp.model.vocab_size), setup.batch_sharding)
-    compiled = setup.train_step.lower(setup.state, batch).compile()
-    state, m = compiled(setup.state, batch)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / steps
+  dt = seconds_per_step(exp, steps=steps)
   return {"how": f"measured: compiled train step on {jax.device_count()} x {jax.devices()[0].device_kind}, {exp.model.dtype}", "seconds_per_step": dt, "tokens_per_sec": b * l / dt}
 
 

@@ -38,6 +38,22 @@ def synthetic_batch(b: int, l: int, vocab: int, seed: int = 0) -> dict[str, np.n
   return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg, "positions": pos, "loss_mask": seg}
 
 
+def seconds_per_step(exp, *, steps: int) -> float:
+  """Mean seconds of `steps` compiled train steps on a synthetic batch, after one warm-up."""
+  b, l = exp.data.batch_size, exp.data.seq_len
+  setup = loop.prepare(exp)
+  with jax.set_mesh(setup.mesh):
+    batch = loop.to_global(synthetic_batch(b, l, exp.model.vocab_size), setup.batch_sharding)
+    compiled = setup.train_step.lower(setup.state, batch).compile()
+    state, m = compiled(setup.state, batch)  # warm-up
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+  return (time.perf_counter() - t0) / steps
+
+
 def measure(name: str, overrides: dict, *, steps: int) -> dict:
   base = experiments.load(name)
   exp = dataclasses.replace(base, mesh=MeshConfig(fsdp=-1), model=dataclasses.replace(base.model, scan_layers=False))
@@ -60,19 +76,7 @@ def measure(name: str, overrides: dict, *, steps: int) -> dict:
   # Throughput, at a smaller batch where asked.
   exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, **overrides))
   b = exp.data.batch_size
-  setup = loop.prepare(exp)
-  with jax.set_mesh(setup.mesh):
-    batch = loop.to_global(synthetic_batch(b, l, exp.model.vocab_size), setup.batch_sharding)
-    compiled = setup.train_step.lower(setup.state, batch).compile()
-  state = setup.state
-  with jax.set_mesh(setup.mesh):
-    state, m = compiled(state, batch)  # warm-up
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
+  dt = seconds_per_step(exp, steps=steps)
   tok_s = b * l / dt
   result.update(
       {
