@@ -4,12 +4,13 @@ Each source is a random-access list of documents (jaxlm.data.sources); documents
 (reshuffled every epoch, or ordered by similarity chains with `data.similarity`), repeated
 forever and tokenized as [BOS] text [EOS] (the tokenizer's special ids). Every JAX process
 keeps every `process_count`-th document (a contiguous share of the similarity chain), so hosts
-read disjoint data and no host reads another's. Packing concatenates a source's documents and
-splits at `seq_len` (grain's ConcatThenSplit), recording for every token its document
-(`segment_ids`, from 1; 0 would be padding) and its position in that document; nothing is
-padded in training. `mixture.StagedMix` then interleaves the sources' packed rows by their
-weights, which may change at given steps (`stages`): a row holds `seq_len` tokens of one
-source, so the weights are shares of tokens whatever the documents' lengths.
+read disjoint data and no host reads another's. Packing (jaxlm.data.packing: grain's
+ConcatThenSplit rows, in fewer copies) concatenates a source's documents and splits at
+`seq_len`, recording for every token its document (`segment_ids`, from 1; 0 would be padding)
+and its position in that document; nothing is padded in training. `mixture.StagedMix` then
+interleaves the sources' packed rows by their weights, which may change at given steps
+(`stages`): a row holds `seq_len` tokens of one source, so the weights are shares of tokens
+whatever the documents' lengths.
 
 A batch is a dict of int32 numpy arrays [local_batch, seq_len]: inputs, targets, segment_ids,
 positions and loss_mask (1 where the target is a real next token), and `source` [local_batch],
@@ -25,11 +26,11 @@ from typing import Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
-from grain import experimental as grain_experimental
 
 from jaxlm.data import sources
 from jaxlm.data.hosts import Hosts
 from jaxlm.data.mixture import Stages, StagedMix, source_names, stage_weights
+from jaxlm.data.packing import ConcatThenSplit
 from jaxlm.data.tokenizers import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -60,15 +61,9 @@ class Tokenize:
 
 
 def _finalize(packed: Mapping[str, np.ndarray]) -> Batch:
-  seg = packed["targets_segment_ids"].astype(np.int32)
-  return {
-      "inputs": packed["inputs"].astype(np.int32),
-      "targets": packed["targets"].astype(np.int32),
-      "segment_ids": seg,
-      "positions": packed["inputs_positions"].astype(np.int32),
-      "loss_mask": (seg > 0).astype(np.int32),
-      "source": packed["source"].astype(np.int32),
-  }
+  as32 = lambda k: packed[k].astype(np.int32, copy=False)  # noqa: E731 (already int32: no copy)
+  seg = as32("segment_ids")
+  return {"inputs": as32("inputs"), "targets": as32("targets"), "segment_ids": seg, "positions": as32("positions"), "loss_mask": (seg > 0).astype(np.int32), "source": as32("source")}
 
 
 def lm_dataset(
@@ -113,7 +108,7 @@ def lm_dataset(
 
 
 def _pack(ds: grain.MapDataset, seq_len: int) -> grain.IterDataset:
-  return grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(read_options=READ_OPTIONS), length_struct={"inputs": seq_len, "targets": seq_len})
+  return ConcatThenSplit(ds.to_iter_dataset(read_options=READ_OPTIONS), seq_len)
 
 
 def _shuffled_rows(docs: Sequence[str], tokenizer: Tokenizer, *, shuffle_seed: int | None, seq_len: int, add_bos: bool, process_index: int, process_count: int) -> grain.IterDataset:
