@@ -383,6 +383,7 @@ class CheckpointConfig:
   max_to_keep: int = 3  # newest checkpoints kept
   async_save: bool = True  # write in the background while training continues
   save_on_sigterm: bool = True  # on SIGTERM (preemption): checkpoint at the next step boundary and exit 0
+  compression: bool = False  # zstd-compress the arrays (~7% smaller for float weights, ~3x the host CPU of an async save)
 
   def __post_init__(self):
     _check(self.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")

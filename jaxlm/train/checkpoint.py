@@ -122,6 +122,18 @@ def _all_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+class _ArraysHandler(ocp.StandardCheckpointHandler):
+  """Orbax's StandardCheckpointHandler with zstd compression as a choice. Orbax always compresses
+  (zstd level 3 in zarr3), which saves ~7% of the bytes of float weights and costs ~3x the host
+  CPU of an uncompressed write (measured on this 2-core VM: 0.62 vs 0.18 CPU-seconds per 256 MiB),
+  CPU that an asynchronous save takes from training. (orbax-checkpoint 0.12.8: the handler keeps
+  its PyTree handler in `_impl`, which is where the option lives.)"""
+
+  def __init__(self, compression: bool):
+    super().__init__()
+    self._impl = ocp.PyTreeCheckpointHandler(use_compression=compression)
+
+
 class Checkpointer:
   """A thin layer over `ocp.CheckpointManager` with jaxlm's items, digests and recovery."""
 
@@ -135,7 +147,12 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()  # items not named here: orbax's defaults for their args
+    for name in DIGESTED:
+      handler = _ArraysHandler(cfg.compression)
+      registry.add(name, ocp.args.StandardSave, handler)
+      registry.add(name, ocp.args.StandardRestore, handler)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
   def _remove_unfinished(self) -> None:
     """Temporary directories of saves that never finished (`N.orbax-checkpoint-tmp`), reported
