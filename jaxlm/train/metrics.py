@@ -44,9 +44,7 @@ class MetricsWriter:
       self.history = [r for r in self.history if r.get("step", 0) <= start_step]
       self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
     self._file = self.path.open("a")
-    from tensorboardX import SummaryWriter
-
-    self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+    self._tb = _summary_writer()(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
     self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.interactive, file=sys.stderr)
 
   def write(self, record: Mapping[str, Any]) -> None:
@@ -81,3 +79,20 @@ class MetricsWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _summary_writer() -> type:
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it
+  is installed (the `hf` extra installs it) only to accept torch tensors, which costs every run
+  4-6 s of start-up; jaxlm logs Python floats."""
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
