@@ -20,7 +20,8 @@ it needs:
                                          per-sequence state while generating (the model stores
                                          it next to each block's KV cache); None: stateless
 
-Kinds: `dense` (jaxlm.layers.mlp), `moe` (jaxlm.layers.moe), `soft_moe` (jaxlm.layers.soft_moe).
+Kinds: `dense` (jaxlm.layers.mlp), `moe` (jaxlm.layers.moe), `soft_moe` (jaxlm.layers.soft_moe),
+`hypermoe` (jaxlm.layers.moe.hyper: the `moe` kind plus a generated HyperExpert per token).
 Adapters may wrap a block's FFN (`jaxlm.peft`): a wrapper is an FFNKind too.
 """
 
