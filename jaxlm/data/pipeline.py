@@ -32,6 +32,7 @@ from jaxlm.data.hosts import Hosts
 from jaxlm.data.mixture import Stages, StagedMix, source_names, stage_weights
 from jaxlm.data.packing import ConcatThenSplit
 from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.data.workers import Pool, PooledDocuments
 
 Batch = dict[str, np.ndarray]
 HOST_FIELDS = ("source",)  # batch fields for the host (metrics), not for the model
@@ -83,6 +84,7 @@ def lm_dataset(
     similarity_neighbors: int = 8,
     stages: Stages = (),
     hosts: Hosts | None = None,
+    workers: int = 0,
 ) -> grain.IterDataset:
   """Packed LM batches of `batch_size` rows (this process's share) from a weighted mixture.
 
@@ -92,34 +94,42 @@ def lm_dataset(
   nearest-neighbour chains instead of shuffling them and packs each source on its own, so a row
   holds neighbouring documents of one source; `hosts` (jaxlm.data.hosts) shares the work of
   ordering between the JAX processes (default: this process orders every source alone).
+  `workers` processes read and tokenize the documents (jaxlm.data.workers; 0: this process, a
+  few threads per source); the batches are the same for every number of workers.
   """
   names = source_names(mixture, stages)
-  kw = dict(seq_len=seq_len, add_bos=add_bos, process_index=process_index, process_count=process_count)
-  rows = []
+  kw = dict(add_bos=add_bos, process_index=process_index, process_count=process_count)
+  docs = []
   for i, name in enumerate(names):
-    docs = sources.load(name, split, cache_dir)
+    texts = sources.load(name, split, cache_dir)
     if similarity != "none":
       order = dict(method=similarity, neighbors=similarity_neighbors, seed=seed, cache_dir=cache_dir, hosts=hosts)
-      rows.append(_similarity_rows(docs, tokenizer, key=f"{name}/{split}", **order, **kw))
+      docs.append(_similarity_docs(texts, tokenizer, key=f"{name}/{split}", **order, **kw))
     else:
-      rows.append(_shuffled_rows(docs, tokenizer, shuffle_seed=(seed * 1_000_003 + i) if shuffle else None, **kw))
+      docs.append(_shuffled_docs(texts, tokenizer, shuffle_seed=(seed * 1_000_003 + i) if shuffle else None, **kw))
+  if workers:
+    pool = Pool(docs, workers)
+    readers = [PooledDocuments(pool, i) for i in range(len(docs))]
+  else:
+    readers = [ds.to_iter_dataset(read_options=READ_OPTIONS) for ds in docs]
+  rows = [_pack(r, seq_len) for r in readers]
   weights = [(step * batch_size, w) for step, w in stage_weights(mixture, stages, names)]
   return StagedMix(rows, weights).batch(batch_size, drop_remainder=True).map(_finalize)
 
 
-def _pack(ds: grain.MapDataset, seq_len: int) -> grain.IterDataset:
-  return ConcatThenSplit(ds.to_iter_dataset(read_options=READ_OPTIONS), seq_len)
+def _pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+  return ConcatThenSplit(docs, seq_len)
 
 
-def _shuffled_rows(docs: Sequence[str], tokenizer: Tokenizer, *, shuffle_seed: int | None, seq_len: int, add_bos: bool, process_index: int, process_count: int) -> grain.IterDataset:
-  """One source's documents, shuffled anew every epoch, this process's share, packed into rows."""
+def _shuffled_docs(docs: Sequence[str], tokenizer: Tokenizer, *, shuffle_seed: int | None, add_bos: bool, process_index: int, process_count: int) -> grain.MapDataset:
+  """One source's documents, shuffled anew every epoch, this process's share, tokenized."""
   ds = grain.MapDataset.source(docs)
   if shuffle_seed is not None:
     ds = ds.shuffle(seed=shuffle_seed)
   ds = ds.repeat()
   if process_count > 1:
     ds = ds[process_index::process_count]
-  return _pack(ds.map(Tokenize(tokenizer, add_bos)), seq_len)
+  return ds.map(Tokenize(tokenizer, add_bos))
 
 
 class _Reordered(Sequence[str]):
@@ -133,9 +143,9 @@ class _Reordered(Sequence[str]):
     return self.docs[int(self.order[i])]
 
 
-def _similarity_rows(docs: Sequence[str], tokenizer: Tokenizer, *, key: str, method: str, neighbors: int, seed: int, cache_dir: str, hosts: Hosts | None, seq_len: int, add_bos: bool, process_index: int, process_count: int) -> grain.IterDataset:
+def _similarity_docs(docs: Sequence[str], tokenizer: Tokenizer, *, key: str, method: str, neighbors: int, seed: int, cache_dir: str, hosts: Hosts | None, add_bos: bool, process_index: int, process_count: int) -> grain.MapDataset:
   """One source's documents in In-Context-Pretraining order, this process's contiguous share of
-  the chain, repeated and packed into rows (In-Context Pretraining, Shi et al. 2023)."""
+  the chain, repeated and tokenized (In-Context Pretraining, Shi et al. 2023)."""
   from jaxlm.data import similarity
   from jaxlm.data.stdlib_corpus import default_cache_dir
 
@@ -143,7 +153,7 @@ def _similarity_rows(docs: Sequence[str], tokenizer: Tokenizer, *, key: str, met
   order = similarity.similarity_order(docs, k=neighbors, method=method, seed=seed, cache_dir=default_cache_dir(cache_dir), fingerprint=fingerprint, hosts=hosts)
   n = len(order)
   share = order[process_index * n // process_count : (process_index + 1) * n // process_count]
-  return _pack(grain.MapDataset.source(_Reordered(docs, share)).repeat().map(Tokenize(tokenizer, add_bos)), seq_len)
+  return grain.MapDataset.source(_Reordered(docs, share)).repeat().map(Tokenize(tokenizer, add_bos))
 
 
 def take(ds: grain.IterDataset, n: int) -> Iterator[Batch]:

@@ -70,10 +70,13 @@ def test_bad_documents_are_refused():
     next(iter(ConcatThenSplit(grain.MapDataset.source(bad).to_iter_dataset(), 4)))
 
 
-def _source_rows(seq_len=16):
-  docs = _docs(np.random.default_rng(1).integers(0, 40, size=50))
-  ds = grain.MapDataset.source(docs).shuffle(seed=3).repeat().to_iter_dataset(read_options=pipeline.READ_OPTIONS)
+def _source_rows(lengths, seq_len=16):
+  ds = grain.MapDataset.source(_docs(lengths)).shuffle(seed=3).repeat().to_iter_dataset(read_options=pipeline.READ_OPTIONS)
   return ConcatThenSplit(ds, seq_len)
+
+
+RANDOM_LENGTHS = np.random.default_rng(1).integers(0, 40, size=50)
+ROW_LENGTHS = [16, 8, 8, 16, 4, 12, 0, 16]  # rows end at document ends (grain's state breaks in JSON there)
 
 
 def _restored(make, state):
@@ -82,16 +85,18 @@ def _restored(make, state):
   return it
 
 
+@pytest.mark.parametrize("lengths", [RANDOM_LENGTHS, ROW_LENGTHS], ids=["random", "row_ends"])
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 13])
-def test_resume_is_exact(n):
+def test_resume_is_exact(n, lengths):
   """Iterate n rows, save the state, take m more; a fresh pipeline restored to the state gives
-  the same m rows bitwise (the state may sit inside a document split across rows)."""
-  it = iter(_source_rows())
+  the same m rows bitwise (the state may sit inside a document split across rows, or at the
+  end of one)."""
+  it = iter(_source_rows(lengths))
   for _ in range(n):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(8)]
-  got = _restored(_source_rows, state)
+  got = _restored(lambda: _source_rows(lengths), state)
   for e in expected:
     g = next(got)
     for k in e:
@@ -128,7 +133,7 @@ def test_training_data_unchanged_from_grains_packer(monkeypatch):
   ours = list(pipeline.take(_pipeline(), 4))
 
   def grain_pack(ds, seq_len):
-    packed = grain_experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(read_options=pipeline.READ_OPTIONS), length_struct={"inputs": seq_len, "targets": seq_len})
+    packed = grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
     return packed.map(lambda r: {"inputs": r["inputs"], "targets": r["targets"], "segment_ids": r["targets_segment_ids"], "positions": r["inputs_positions"]})
 
   monkeypatch.setattr(pipeline, "_pack", grain_pack)
@@ -138,3 +143,66 @@ def test_training_data_unchanged_from_grains_packer(monkeypatch):
     for k in a:
       assert a[k].dtype == b[k].dtype
       np.testing.assert_array_equal(a[k], b[k])
+
+
+# Worker processes (jaxlm.data.workers): one pool for the module (the fork server starts once).
+
+
+@pytest.fixture(scope="module")
+def straight():
+  return list(pipeline.take(_pipeline(), 9))  # read in this process
+
+
+@pytest.fixture(scope="module")
+def pooled():
+  it = iter(_pipeline(workers=2))
+  yield it
+  it.close()
+
+
+def _assert_batches_equal(expected, got):
+  for e, g in zip(expected, got, strict=True):
+    assert set(g) == set(e)
+    for k in e:
+      np.testing.assert_array_equal(e[k], g[k])
+
+
+def test_workers_give_the_same_batches(straight, pooled):
+  pooled.set_state(iter(_pipeline()).get_state())  # the start (other tests move it)
+  _assert_batches_equal(straight, [next(pooled) for _ in range(9)])
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_resume_is_exact_across_worker_counts(straight, pooled, n):
+  """A state saved with 0 workers restores into 2, and one saved with 2 restores into 0 (JSON in
+  between): the next batches are those of the straight run."""
+  it = iter(_pipeline())
+  for _ in range(n):
+    next(it)
+  pooled.set_state(json.loads(json.dumps(it.get_state())))
+  _assert_batches_equal(straight[n : n + 3], [next(pooled) for _ in range(3)])
+  restored = _restored(_pipeline, pooled.get_state())  # after n + 3 batches
+  _assert_batches_equal(straight[n + 3 : n + 5], [next(restored) for _ in range(2)])
+
+
+def test_a_worker_error_reaches_the_training_process(tmp_path):
+  from jaxlm.data import sources, workers
+  from jaxlm.errors import ConfigError
+
+  (tmp_path / "a.jsonl").write_text("\n".join(['{"text": "fine"}'] * 80 + ['{"no_text": 1}']))
+  docs = grain.MapDataset.source(sources.load(f"jsonl:{tmp_path}/a.jsonl", "train"))
+  it = iter(workers.PooledDocuments(workers.Pool([docs], 1, block=4), 0))
+  with pytest.raises(ConfigError, match="'text' field"):
+    for _ in range(len(docs)):
+      next(it)
+
+
+@pytest.mark.parametrize("value, message", [("-1", "data.workers must be an integer from 0 to 256, got -1"), ("1000", "got 1000"), ("two", "data.workers")])
+def test_bad_worker_counts_are_one_line_errors(value, message, tmp_path, capsys):
+  from jaxlm.cli import main
+
+  run_dir = tmp_path / "run"
+  assert main(["train", "quickstart:smoke", "--set", f"data.workers={value}", "--run-dir", str(run_dir)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("jaxlm: error: ") and message in err and "\n" not in err, err
+  assert not run_dir.exists()
