@@ -10,6 +10,9 @@ dense or expert, gains adapters through these three functions:
                              `rows` tells an adapter each row's expert and adapter gates)
   mix(w_ge, w, merge)        sum_e w[g, e] * w[e]: the soft MoE's merge in parameter space
 
+The train step's MIGU taps (`jaxlm.train.migu.Tapped`) are such pytrees too: they wrap a weight
+(array or adapted) and report the magnitudes of its outputs, so MIGU needs nothing from the layers.
+
 Banks of adapters chosen per example take the example's adapter id from `use_adapter(ids)`, a
 context like `sharding.use_rules`: the train step and generation set it from the batch, and
 every projection traced inside reads it (`current_adapter_ids`).

@@ -1,4 +1,5 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norms and biases."""
+"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norms and biases;
+with `optim.migu_ratio`, restricted to the coordinates MIGU selects (`jaxlm.train.migu`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flax import nnx
 from jaxlm.config import OptimConfig
 from jaxlm.layers.params import is_elementwise
 from jaxlm.sharding import logical_axes_of
+from jaxlm.train import migu
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -42,4 +44,7 @@ def make(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformati
   lr = schedule(cfg, total_steps)
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), lr
+  tx = optax.chain(*parts)
+  if migu.enabled(cfg):  # `update` then takes the step's output magnitudes (`migu_stats=`)
+    tx = migu.masked(tx, cfg.migu_ratio)
+  return tx, lr

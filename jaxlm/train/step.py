@@ -14,6 +14,10 @@ The loss is computed from the model's final hidden states and its output head in
 
 A batch may carry `adapter_ids` [B]: the adapter of every example when the model holds a bank
 of adapters (`jaxlm.peft.use_adapter`), in training as in evaluation.
+
+With `optim.migu_ratio` (MIGU, `jaxlm.train.migu`) the trained linear weights are tapped in the
+training forward pass: the same `jax.grad` returns, beside the gradients, every such weight's
+output magnitudes (the gradients of zero probes), which the optimizer turns into its masks.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm import sharding
 from jaxlm.config import Experiment
 from jaxlm.layers.linear import use_adapter
-from jaxlm.train import guard
+from jaxlm.train import guard, migu
 from jaxlm.train.loss import chunked_token_losses, token_losses  # noqa: F401 (token_losses: re-exported)
 
 Batch = dict[str, jax.Array]
@@ -96,11 +100,12 @@ def _forward(graphdef, params, frozen, rest, batch, *, train: bool):
   return logits, aux, nnx.state(model, nnx.Not(is_parameter))
 
 
-def _losses(graphdef, params, frozen, rest, batch, *, train: bool, chunk: int):
+def _losses(graphdef, params, frozen, rest, batch, *, train: bool, chunk: int, probes=None):
   """(cross-entropy sum, z-loss sum, token count), aux and the model's non-trainable state after
-  the call, like `_forward` but with the loss computed `chunk` positions at a time (`jaxlm.train.loss`)."""
+  the call, like `_forward` but with the loss computed `chunk` positions at a time (`jaxlm.train.loss`).
+  `probes`: MIGU's probes (`migu.probes`), whose weights are tapped during the call."""
   model = _model(graphdef, params, frozen, rest, train=train)
-  with use_adapter(batch.get("adapter_ids")):
+  with use_adapter(batch.get("adapter_ids")), migu.tapped(model, probes):
     x_bld, aux = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     losses = chunked_token_losses(model.head_fn(), x_bld, batch["targets"], batch["loss_mask"], chunk=chunk)
   return losses, aux, nnx.state(model, nnx.Not(is_parameter))
@@ -121,9 +126,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
   """
   accum, z_weight, chunk = exp.train.grad_accum, exp.train.z_loss_weight, exp.train.loss_chunk
   tx = guarded_optimizer(tx, exp)
+  use_migu = migu.enabled(exp.optim)
 
-  def loss_fn(params, frozen, rest, mb, n_total):
-    (ce, z, n), aux, rest = _losses(graphdef, params, frozen, rest, mb, train=True, chunk=chunk)
+  def loss_fn(params, probes, frozen, rest, mb, n_total):
+    (ce, z, n), aux, rest = _losses(graphdef, params, frozen, rest, mb, train=True, chunk=chunk, probes=probes)
     aux_losses = aux.get("losses", {})
     loss = ce / n_total + z_weight * z / n_total + sum(aux_losses.values(), jnp.float32(0)) / accum
     stats = {
@@ -135,12 +141,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
     }
     return loss, (stats, rest)
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+  grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)  # (params, MIGU probes: their gradients are the magnitudes)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    probes = None
+    if use_migu:
+      trained = {tuple(path) for path, _ in state.params.flat_state()}
+      probes = migu.probes(_model(graphdef, state.params, state.frozen, state.rest, train=True), trained)
     if accum == 1:
-      grads, (stats, rest) = grad_fn(state.params, state.frozen, state.rest, batch, n_total)
+      grads, (stats, rest) = grad_fn(state.params, probes, state.frozen, state.rest, batch, n_total)
     else:
       # Microbatch a takes rows a, a + A, a + 2A, ...: each microbatch stays spread over all
       # devices of the batch axes (a contiguous split would leave most devices idle).
@@ -149,18 +159,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr
         return sharding.shard(x, None, "batch", *([None] * (x.ndim - 2)))
 
       mbs = jax.tree.map(split, batch)
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = jax.tree.map(jnp.zeros_like, (state.params, probes))
 
       def body(carry, mb):
         g_acc, s_acc, rest = carry
-        g, (s, rest) = grad_fn(state.params, state.frozen, rest, mb, n_total)
+        g, (s, rest) = grad_fn(state.params, probes, state.frozen, rest, mb, n_total)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s), rest), None
 
-      stats0 = jax.eval_shape(lambda: grad_fn(state.params, state.frozen, state.rest, jax.tree.map(lambda x: x[0], mbs), n_total)[1][0])
+      stats0 = jax.eval_shape(lambda: grad_fn(state.params, probes, state.frozen, state.rest, jax.tree.map(lambda x: x[0], mbs), n_total)[1][0])
       init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0), state.rest)
       (grads, stats, rest), _ = jax.lax.scan(body, init, mbs)
+    grads, magnitudes = grads
     ce = stats.pop("ce_sum") / n_total
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=ce, step=state.step + 1)
+    extra = {"migu_stats": magnitudes} if use_migu else {}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=ce, step=state.step + 1, **extra)
     g = opt_state.guard
     keep = lambda new, old: jnp.where(g.applied, new, old)  # bitwise the old values on a skipped update
     params = jax.tree.map(keep, optax.apply_updates(state.params, updates), state.params)
