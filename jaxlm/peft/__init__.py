@@ -9,7 +9,7 @@ itself through `jaxlm.layers.linear` (unmerged: x W + s (x A) B, so W's gradient
 formed). `trainable(cfg)` selects the adapter variables (`AdapterParam`) the optimizer updates.
 
 Methods (`peft.method`): lora, dora, ia3, bitfit, prompt, bottleneck, esft, arrow, phatgoose,
-phatgoose_gates (see `methods.py`); mixtures of adapters with `peft.n_experts` (MoLoRA, MoV,
+phatgoose_gates, subset (see `methods.py`); mixtures of adapters with `peft.n_experts` (MoLoRA, MoV,
 SMEAR-merged bottlenecks). Lifecycle (`lifecycle.py`): merge / unmerge, adapter-only save and
 load, banks of adapters chosen per example (`use_adapter`). Model merging: `merging.py`.
 """
@@ -50,7 +50,8 @@ def apply(model: nnx.Module, cfg: PeftConfig, *, seed: int = 0, **inputs: Any) -
 
 def trainable(cfg: PeftConfig):
   """The nnx filter of the variables the optimizer updates under `cfg` (everything else is frozen)."""
-  rule = METHODS.get(cfg.method).trainable
+  method = METHODS.get(cfg.method)
+  rule = method.trainable_for(cfg) if method.trainable_for else method.trainable
   also = [_targets.compile_pattern(p) for p in cfg.train_also]
 
   def is_trainable(path: tuple[Any, ...], v: Any) -> bool:

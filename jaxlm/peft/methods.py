@@ -3,6 +3,7 @@
     method.apply(model, cfg, key, **inputs) -> model   adapt the model (in place; returns it);
                                                `inputs`: what the method measured beforehand
     method.trainable(path, variable) -> bool   which variables the optimizer updates
+    method.trainable_for(cfg)                  the same rule when it depends on the config (subset)
 
 `jaxlm.peft.apply` looks the method up in `METHODS`; `jaxlm.peft.trainable` builds the filter
 the trainer splits the model with (trainable parameters, frozen parameters, the rest).
@@ -40,6 +41,7 @@ DEFAULT_TARGETS = {
 class Method:
   apply: Callable[..., nnx.Module]  # (model, cfg, key, **inputs) -> model
   trainable: Callable[[tuple[Any, ...], nnx.Variable], bool]
+  trainable_for: Callable[[PeftConfig], Callable[[tuple[Any, ...], nnx.Variable], bool]] | None = None  # cfg -> the rule, for rules that read the config
 
 
 METHODS: Registry = Registry("peft method")
@@ -126,3 +128,18 @@ METHODS.register("ia3", Method(_ia3, is_adapter))
 METHODS.register("none", Method(lambda model, cfg, key, **_: model, lambda path, v: isinstance(v, nnx.Param)))
 # BitFit (Ben Zaken et al. 2022): train only the bias terms (and, as in its LLM uses, the norm scales).
 METHODS.register("bitfit", Method(lambda model, cfg, key, **_: model, is_vector))
+
+
+# -- subset: the targets' base weights in full --------------------------------------------------
+# Full fine-tuning of the linear weights `peft.targets` selects, everything else frozen: with the
+# `ffn-keys` / `ffn-values` targets, tuning only the FFN's keys or only its values (Qiu et al.
+# 2024, arXiv 2402.12233). No adapters: the weights themselves train, with AdamW moments for them
+# only (and can be combined with `optim.migu_ratio`).
+
+
+def _subset(model: nnx.Module, cfg: PeftConfig, key: jax.Array, **_: Any) -> nnx.Module:
+  tg.select(model, cfg.targets)  # a pattern that matches no linear weight is an error
+  return model
+
+
+METHODS.register("subset", Method(_subset, lambda path, v: False, trainable_for=lambda cfg: lambda path, v: tg.is_target(cfg.targets, path, v)))

@@ -6,6 +6,12 @@ A parameter's path is its place in the model joined by "/", e.g. `blocks/0/attn/
 
   all-linear  every linear weight (a parameter with fan-in axes, `jaxlm.layers.linear`) except
               the output head (as in HF PEFT) and the MoE routers
+  ffn-keys    the first matrices of every FFN, its keys: w_gate and w_up of the SwiGLU (dense
+              MLPs, routed and shared experts alike)
+  ffn-values  the second matrices of every FFN, its values: w_down
+(keys and values as in Geva et al. 2021's reading of the FFN as a key-value memory; tuning only
+one of them: Qiu et al. 2024, "Empirical Study on Updating Key-Value Memories in Transformer
+Feed-forward Layers", arXiv 2402.12233, who find tuning the values better than the keys.)
 Routers are adapted only by a pattern that names them (contains "router"): adapting a router
 changes which experts tokens reach, which is rarely what a fine-tune wants by accident. A pattern
 that matches nothing is an error that shows what paths look like.
@@ -24,6 +30,10 @@ from jaxlm.layers.linear import fan_in_of
 
 ALL_LINEAR = "all-linear"
 EXCLUDED_FROM_ALL_LINEAR = ("lm_head", "router")
+ALIASES = {  # a name -> the regex it stands for (every FFN sits under an `ffn/` path element)
+    "ffn-keys": r"(.+/)?ffn/(.+/)?w_(gate|up)",
+    "ffn-values": r"(.+/)?ffn/(.+/)?w_down",
+}
 
 
 def path_str(path: tuple[Any, ...]) -> str:
@@ -67,18 +77,28 @@ def select(model: nnx.Module, patterns: tuple[str, ...]) -> list[tuple[str, tupl
   weights = list(linear_weights(model))
   chosen: dict[str, tuple[str, tuple[Any, ...], nnx.Param]] = {}
   for pattern in patterns:
-    if pattern == ALL_LINEAR:
-      hits = [w for w in weights if w[0].split("/")[-1] not in EXCLUDED_FROM_ALL_LINEAR]
-    else:
-      rx = compile_pattern(pattern)
-      hits = [w for w in weights if rx.fullmatch(w[0]) and ("router" in pattern or w[0].split("/")[-1] != "router")]
+    hits = [w for w in weights if matches(pattern, w[0])]
     if not hits:
       examples = ", ".join(w[0] for w in weights[:6])
-      raise ConfigError(f"peft.targets: {pattern!r} matches no linear weight (paths look like: {examples}, ...)")
+      what = f" (= {ALIASES[pattern]}: the model has no such FFN matrices)" if pattern in ALIASES else ""
+      raise ConfigError(f"peft.targets: {pattern!r}{what} matches no linear weight (paths look like: {examples}, ...)")
     for w in hits:
       chosen[w[0]] = w
   order = {w[0]: i for i, w in enumerate(weights)}
   return sorted(chosen.values(), key=lambda w: order[w[0]])
+
+
+def matches(pattern: str, path: str) -> bool:
+  """Whether a target pattern (a regex, `all-linear` or an alias) selects the linear weight at `path`."""
+  last = path.split("/")[-1]
+  if pattern == ALL_LINEAR:
+    return last not in EXCLUDED_FROM_ALL_LINEAR
+  return bool(compile_pattern(ALIASES.get(pattern, pattern)).fullmatch(path)) and ("router" in pattern or last != "router")
+
+
+def is_target(patterns: tuple[str, ...], path: tuple[Any, ...], variable: nnx.Variable) -> bool:
+  """Whether `variable` (at `path`) is a linear weight that one of `patterns` selects."""
+  return isinstance(variable, nnx.Param) and fan_in_of(variable) is not None and any(matches(p, path_str(path)) for p in patterns)
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
