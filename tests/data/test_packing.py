@@ -1,5 +1,6 @@
 """Packing (jaxlm.data.packing): grain's ConcatThenSplit rows bitwise, exact resume alone, through
-the pipeline and the staged mixture on a host shard."""
+the pipeline and the staged mixture on a host shard; worker processes (jaxlm.data.workers): the
+same batches, states that restore across worker counts, errors that reach the caller."""
 
 import json
 
@@ -70,8 +71,11 @@ def test_bad_documents_are_refused():
     next(iter(ConcatThenSplit(grain.MapDataset.source(bad).to_iter_dataset(), 4)))
 
 
-def _source_rows(lengths, seq_len=16):
-  ds = grain.MapDataset.source(_docs(lengths)).shuffle(seed=3).repeat().to_iter_dataset(read_options=pipeline.READ_OPTIONS)
+IN_THREAD = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # no prefetch threads: faster here
+
+
+def _source_rows(lengths, seq_len=16, read_options=None):
+  ds = grain.MapDataset.source(_docs(lengths)).shuffle(seed=3).repeat().to_iter_dataset(read_options=read_options or IN_THREAD)
   return ConcatThenSplit(ds, seq_len)
 
 
@@ -85,22 +89,44 @@ def _restored(make, state):
   return it
 
 
-@pytest.mark.parametrize("lengths", [RANDOM_LENGTHS, ROW_LENGTHS], ids=["random", "row_ends"])
+@pytest.mark.parametrize("lengths, read_options", [(RANDOM_LENGTHS, pipeline.READ_OPTIONS), (ROW_LENGTHS, IN_THREAD)], ids=["random", "row_ends"])
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 13])
-def test_resume_is_exact(n, lengths):
+def test_resume_is_exact(n, lengths, read_options):
   """Iterate n rows, save the state, take m more; a fresh pipeline restored to the state gives
   the same m rows bitwise (the state may sit inside a document split across rows, or at the
   end of one)."""
-  it = iter(_source_rows(lengths))
+  it = iter(_source_rows(lengths, read_options=read_options))
   for _ in range(n):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(8)]
-  got = _restored(lambda: _source_rows(lengths), state)
+  got = _restored(lambda: _source_rows(lengths, read_options=read_options), state)
   for e in expected:
     g = next(got)
     for k in e:
       np.testing.assert_array_equal(e[k], g[k])
+
+
+@pytest.mark.parametrize("lengths", [RANDOM_LENGTHS, ROW_LENGTHS], ids=["random", "row_ends"])
+def test_a_state_of_grains_packer_restores_to_its_rows(lengths):
+  """Checkpoints written before this packer hold grain's packer state: restored (through JSON)
+  into this packer, the rows are the ones grain's straight run gives next."""
+
+  def grain_rows():
+    ds = grain.MapDataset.source(_docs(lengths)).shuffle(seed=3).repeat().to_iter_dataset(read_options=IN_THREAD)
+    return grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": 16, "targets": 16})
+
+  for n in (0, 1, 2, 5, 13):
+    it = iter(grain_rows())
+    for _ in range(n):
+      next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(6)]
+    got = _restored(lambda: _source_rows(lengths), state)
+    for e in expected:
+      g = next(got)
+      for k in ("inputs", "targets", "segment_ids", "positions"):
+        np.testing.assert_array_equal(e[k if k in ("inputs", "targets") else f"inputs_{k}"], g[k])
 
 
 MIX = {"stdlib_prose": 0.8, "stdlib_code": 0.2}
@@ -191,7 +217,7 @@ def test_a_worker_error_reaches_the_training_process(tmp_path):
 
   (tmp_path / "a.jsonl").write_text("\n".join(['{"text": "fine"}'] * 80 + ['{"no_text": 1}']))
   docs = grain.MapDataset.source(sources.load(f"jsonl:{tmp_path}/a.jsonl", "train"))
-  it = iter(workers.PooledDocuments(workers.Pool([docs], 1, block=4), 0))
+  it = iter(workers.PooledDocuments(workers.Pool([docs], 1, first_block=4), 0))
   with pytest.raises(ConfigError, match="'text' field"):
     for _ in range(len(docs)):
       next(it)
