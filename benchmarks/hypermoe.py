@@ -6,7 +6,9 @@
   params  total and active parameters of both models (the hypernetworks are active for every
           token), and the overhead hypermoe / moe - 1.
   loss    final eval loss of both experiments trained for the same steps on the same data
-          (experiments/hypermoe_quickstart.py), and the difference hypermoe - moe.
+          (experiments/hypermoe_quickstart.py), and the difference hypermoe - moe; also of the
+          control `:matched` (the MoE with wider experts: HyperMoE's active parameters and FLOPs
+          per token) and hypermoe - matched.
 
 Usage: python -m benchmarks.run hypermoe [--quick]   (--quick: 40 training steps, fewer rounds)
 """
@@ -25,7 +27,8 @@ from jaxlm import experiments
 from jaxlm.models import param_counts
 from jaxlm.train import flops, loop
 
-VARIANTS = {"moe": "hypermoe_quickstart:moe", "hypermoe": "hypermoe_quickstart"}
+VARIANTS = {"moe": "hypermoe_quickstart:moe", "hypermoe": "hypermoe_quickstart"}  # timed against each other
+CONTROL = {"matched": "hypermoe_quickstart:matched"}  # trained only
 
 
 def step_times(exps: dict, rounds: int) -> dict[str, float]:
@@ -59,6 +62,7 @@ def main(argv: list[str]) -> None:
   quick = "--quick" in argv
   exps = {name: experiments.load(ref) for name, ref in VARIANTS.items()}
   times = step_times(exps, rounds=5 if quick else 12)
+  exps.update({name: experiments.load(ref) for name, ref in CONTROL.items()})
   counts = {name: param_counts(exp.model) for name, exp in exps.items()}
   seq = exps["moe"].data.seq_len
   fpt = {name: flops.train_flops_per_token(exp.model, seq) for name, exp in exps.items()}
@@ -75,12 +79,14 @@ def main(argv: list[str]) -> None:
       "param_overhead": {k: counts["hypermoe"][k] / counts["moe"][k] - 1 for k in ("total", "active")},
       "eval": losses,
       "eval_loss_difference": losses["hypermoe"]["final_eval_loss"] - losses["moe"]["final_eval_loss"],
+      "eval_loss_difference_vs_matched": losses["hypermoe"]["final_eval_loss"] - losses["matched"]["final_eval_loss"],
       "quick": quick,
   }
   print(
       f"hypermoe / moe: step time {ratio:.3f} (goal <= 1.3), FLOPs {result['flops_ratio']:.3f}, params total +{result['param_overhead']['total']:.1%} "
       f"active +{result['param_overhead']['active']:.1%}; eval loss after {losses['moe']['steps']} steps: moe {losses['moe']['final_eval_loss']:.4f}, "
-      f"hypermoe {losses['hypermoe']['final_eval_loss']:.4f} (difference {result['eval_loss_difference']:+.4f})"
+      f"hypermoe {losses['hypermoe']['final_eval_loss']:.4f} (difference {result['eval_loss_difference']:+.4f}); "
+      f"matched-compute MoE {losses['matched']['final_eval_loss']:.4f} (hypermoe - matched {result['eval_loss_difference_vs_matched']:+.4f})"
   )
   write_result("hypermoe", result)
 

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxlm import peft, sharding
 from jaxlm.cli import main
 from jaxlm.config import HyperMoEConfig, MeshConfig, ModelConfig, MoEConfig, PeftConfig
+from jaxlm.layers.ffn import FFN
 from jaxlm.layers.moe import moe
 from jaxlm.layers.moe.hyper import HyperExpert, HyperMoE, hyper_flops_per_token, hypermoe
 from jaxlm.models import Transformer
@@ -80,9 +81,21 @@ def x():
   return jnp.asarray(np.random.default_rng(1).standard_normal((8, 8, D)), jnp.float32)
 
 
-def test_the_hypernetworks_up_heads_start_at_zero():
-  heads = jax.jit(lambda: {k: v for k, v in HyperExpert(CFG, rngs=nnx.Rngs(0)).params().items() if k.startswith("gen_up")})()
+def test_at_init_the_up_heads_are_zero_and_the_moe_is_the_plain_moe_of_the_seed():
+  """The hypernetwork draws its keys aside: the router equals a plain MoE's of the same seed and
+  the key stream is left where the plain MoE leaves it (every later parameter is drawn alike)."""
+
+  @jax.jit
+  def init():
+    rngs_h, rngs_p = nnx.Rngs(0), nnx.Rngs(0)
+    hyper, plain = HyperMoE(CFG, rngs=rngs_h), FFN.get("moe")(CFG, rngs=rngs_p)
+    heads = {k: v for k, v in hyper.hyper.params().items() if k.startswith("gen_up")}
+    return heads, (hyper.router[...], plain.router[...]), (rngs_h.params.count[...], rngs_p.params.count[...])
+
+  heads, *pairs = init()
   assert set(heads) == {"gen_up", "gen_up_bias"} and all(not np.any(np.asarray(v)) for v in heads.values())
+  for a, b in pairs:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_zero_up_heads_are_the_plain_moe_bitwise_and_nonzero_ones_are_not(layer, x):

@@ -47,7 +47,10 @@ Where the paper leaves a choice open, or where jaxlm departs from it:
     of them (the up heads' gradient is the adapter's hidden activation relu(b_down) = 0, the
     down heads' goes through W_up = 0), the LoRA argument for zeroing B only. G_down ~ N(0,
     1 / (D U)) so W_down(u) starts near fan-in scale; the embeddings ~ N(0, 1 / (E - k)) so
-    their sum starts near unit variance; W_p, W_u LeCun-normal, biases and G_bdown zero.
+    their sum starts near unit variance; W_p, W_u LeCun-normal, biases and G_bdown zero. The
+    hypernetwork takes its keys aside (folded from the key stream's state, which it leaves as it
+    was), so a HyperMoE model and a plain MoE model of the same seed share every other initial
+    weight: HyperMoE starts as exactly that MoE.
   * Padding tokens (segment id 0) get no HyperExpert output, as they get no MoE output.
 """
 
@@ -169,6 +172,13 @@ def hyper_flops_per_token(cfg: ModelConfig) -> int:
   return 2 * (e * q + q * p + p * (u - 1) + d * u * a + u * a + u * a + u * a * d + u * d)
 
 
+def _side_stream(rngs: nnx.Rngs) -> nnx.Rngs:
+  """Keys for the hypernetwork that leave `rngs` where it was: every other parameter of a model
+  is drawn as in the plain-MoE model of the same seed, so the two start out identical."""
+  stream = rngs.params
+  return nnx.Rngs(params=jax.random.fold_in(jax.random.fold_in(stream.key[...], stream.count[...]), 0x4879))
+
+
 @FFN.register("hypermoe")
 class HyperMoE(MoE):
   """HyperMoE FFN: the `moe` layer (its parameters, routing and losses) plus `hyper`, the
@@ -176,7 +186,7 @@ class HyperMoE(MoE):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
-    self.hyper = HyperExpert(cfg, rngs=rngs)
+    self.hyper = HyperExpert(cfg, rngs=_side_stream(rngs))
 
   @staticmethod
   def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
