@@ -45,10 +45,14 @@ moe_jit = jax.jit(lambda p, x, cfg: moe(p, x, cfg)[:2], static_argnums=2)
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def route(logits_ble, mask_bl, cfg):
-  routing = softmax_topk(logits_ble, cfg, mask_bl=mask_bl)
-  sparse, ws = gw.split(routing, mask_bl, cfg)
-  return routing.expert_n, sparse.expert_n, sparse.weight_n, ws.token_s, ws.weight_se
+def route(logits_ble, mask_bl, cfgs):
+  """(normalized entropies, and for each config the router's and GW's assignments): one compile."""
+  out = []
+  for cfg in cfgs:
+    routing = softmax_topk(logits_ble, cfg, mask_bl=mask_bl)
+    sparse, ws = gw.split(routing, mask_bl, cfg)
+    out.append((routing.expert_n, sparse.expert_n, sparse.weight_n, ws.token_s, ws.weight_se))
+  return gw.normalized_entropy(routing.probs_te), out
 
 
 def test_broadcasts_exactly_the_tokens_at_or_above_the_threshold():
@@ -64,14 +68,16 @@ def test_broadcasts_exactly_the_tokens_at_or_above_the_threshold():
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1) / math.log(4)
-  np.testing.assert_allclose(np.asarray(gw.normalized_entropy(jnp.asarray(p.reshape(8, 4)))), h.reshape(-1), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(h[0, :2], [1.0, 0.5], rtol=1e-6)
   mask = np.ones((2, 4), bool)
   mask[1, 2] = False  # padding is never broadcast
-  cfg = MoEConfig(n_experts=4, top_k=2, route_scale=1.5)
+  cases = ((0.6, 0), (0.4, 9), (0.95, 1))  # (threshold, slots)
+  cfgs = tuple(MoEConfig(n_experts=4, top_k=2, route_scale=1.5, gw_threshold=t, gw_slots=s) for t, s in cases)
+  entropy, outs = route(jnp.asarray(logits), jnp.asarray(mask), cfgs)
+  np.testing.assert_allclose(np.asarray(entropy), h.reshape(-1), rtol=1e-5, atol=1e-6)
 
-  def broadcast_set(threshold, slots):
-    expert_n, sparse_expert_n, sparse_weight_n, token_s, weight_se = route(jnp.asarray(logits), jnp.asarray(mask), dataclasses.replace(cfg, gw_threshold=threshold, gw_slots=slots))
+  def broadcast_set(i):
+    expert_n, sparse_expert_n, sparse_weight_n, token_s, weight_se = outs[i]
     chosen = sorted(int(t) for t in token_s if t < 8)
     # Broadcast tokens leave their top-k (sentinel expert 4, weight 0); the others keep theirs.
     is_b = np.isin(np.repeat(np.arange(8), 2), chosen)
@@ -85,10 +91,9 @@ def test_broadcasts_exactly_the_tokens_at_or_above_the_threshold():
     return chosen
 
   # Expected sets from the hand entropies: tokens are 0-3 (row 0) and 4-7 (row 1); 6 is padding.
-  assert broadcast_set(0.6, 0) == [0, 3, 4, 5, 7]  # H >= 0.6
-  assert broadcast_set(0.4, 0) == [0, 1, 3, 4, 5, 7]  # 0.5 included, 0.003 not
-  assert broadcast_set(0.95, 1) == [0, 5]  # one slot per sequence: the first uncertain token
-  assert broadcast_set(0.6, 9) == [0, 3, 4, 5, 7]  # a cap above L is no cap
+  assert broadcast_set(0) == [0, 3, 4, 5, 7]  # H >= 0.6
+  assert broadcast_set(1) == [0, 1, 3, 4, 5, 7]  # H >= 0.4: 0.5 included, 0.003 not; a cap above L is no cap
+  assert broadcast_set(2) == [0, 5]  # H >= 0.95, one slot per sequence: the first uncertain token
 
 
 # -- what they compute ----------------------------------------------------------------------------
@@ -127,33 +132,32 @@ def _by_hand(p, x_bld, cfg: MoEConfig):
   return y.reshape(b, l, d), broadcast.reshape(b, l)
 
 
+def gw_cfg(router="softmax_topk", threshold=0.7, slots=0, mode="dropless"):
+  """Capacity mode with room for every assignment (factor 4: C = L), so that nothing drops."""
+  return with_moe(router=router, gw_threshold=threshold, gw_slots=slots, route_scale=1.5, mode=mode, capacity_factor=4.0)
+
+
+CAUSAL = gw_cfg(slots=2, mode="capacity")  # (one compiled layer for both tests)
+
+
 @pytest.mark.parametrize(
     "router, threshold, slots, mode",
     [("softmax_topk", 0.7, 0, "dropless"), ("softmax_topk", 0.7, 2, "capacity"), ("sigmoid_bias", 0.93, 0, "dropless")],
 )
 def test_training_path_equals_dense_combine_for_broadcast_tokens(params, router, threshold, slots, mode):
-  """Capacity mode with room for every assignment (factor 4: C = L), so that nothing drops."""
-  cfg = with_moe(router=router, gw_threshold=threshold, gw_slots=slots, route_scale=1.5, mode=mode, capacity_factor=4.0)
+  cfg = gw_cfg(router, threshold, slots, mode)
   want, broadcast = _by_hand(params, X, cfg.moe)
   assert 0 < broadcast.sum() < broadcast.size  # both kinds of token are in the batch
   y, aux = moe_jit(params, X, cfg)
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(float(aux["metrics"]["moe_gw_broadcast_fraction"]), broadcast.mean(), rtol=1e-6)
-  if slots:
+  if slots or router != "softmax_topk":
     return
   # The router's losses and metrics are those of its top-k choice: as without GW.
-  _, plain_aux = moe_jit(params, X, with_moe(router=router, route_scale=1.5))
+  _, plain_aux = moe_jit(params, X, with_moe(route_scale=1.5, capacity_factor=4.0))
   for k in ("moe_load_balance", "moe_router_z"):
     np.testing.assert_array_equal(aux["losses"][k], plain_aux["losses"][k])
   np.testing.assert_array_equal(aux["metrics"]["moe_expert_load"], plain_aux["metrics"]["moe_expert_load"])
-
-
-def test_router_gets_the_gradient_of_the_broadcast_weights(params):
-  """A broadcast token's output depends on all E probabilities: the router learns from it, even
-  where the plain layer gives it no gradient (top-1 renormalised: every weight is 1)."""
-  cfg = with_moe(gw_threshold=0.7, top_k=1, renormalize=True)
-  loss = lambda r: jnp.sum(moe(dict(params, router=r), X, cfg)[0] * jnp.cos(jnp.arange(D)))
-  assert float(jnp.max(jnp.abs(jax.jit(jax.grad(loss))(params["router"])))) > 1e-3
 
 
 # -- inference --------------------------------------------------------------------------------------
@@ -162,14 +166,22 @@ def test_router_gets_the_gradient_of_the_broadcast_weights(params):
 def test_inference_equals_the_plain_moe_bitwise(params):
   """model.eval() (deterministic): the GW-MoE layer is the plain MoE on the same weights, bit for
   bit; in training it broadcasts (and reports the fraction); evaluation has no broadcast metric."""
-  layer = nnx.jit(lambda: MoE(with_moe(gw_threshold=0.7, gw_slots=2), rngs=nnx.Rngs(0)))()
-  layer.router[...], layer.experts.w_gate[...], layer.experts.w_up[...], layer.experts.w_down[...] = (params[k] for k in ("router", "w_gate", "w_up", "w_down"))
-  call = nnx.jit(lambda m, x: m(x))
-  y_train, aux_train = call(layer, X)
-  layer.eval()
-  y_eval, aux_eval = call(layer, X)
-  y_plain, _ = moe_jit(params, X, BASE)
+  layer = nnx.eval_shape(lambda: MoE(gw_cfg(), rngs=nnx.Rngs(0)))  # (no init to compile)
+  for v, k in ((layer.router, "router"), (layer.experts.w_gate, "w_gate"), (layer.experts.w_up, "w_up"), (layer.experts.w_down, "w_down")):
+    v.set_value(params[k])
+
+  @nnx.jit
+  def train_and_eval(m, x):
+    train = m(x)
+    m.eval()
+    out = train, m(x)
+    m.train()
+    return out
+
+  (y_train, aux_train), (y_eval, aux_eval) = train_and_eval(layer, X)
+  y_plain, _ = moe_jit(params, X, with_moe(route_scale=1.5, capacity_factor=4.0))
   np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(y_plain))
+  np.testing.assert_allclose(np.asarray(y_train), np.asarray(moe_jit(params, X, gw_cfg())[0]), rtol=1e-6, atol=1e-6)
   assert float(aux_train["metrics"]["moe_gw_broadcast_fraction"]) > 0.1
   assert float(jnp.max(jnp.abs(y_train - y_plain))) > 1e-3
   assert "moe_gw_broadcast_fraction" not in aux_eval["metrics"]
@@ -181,7 +193,7 @@ def test_inference_equals_the_plain_moe_bitwise(params):
 def test_causal(params):
   """Perturbing token j (to zeros: a flat router, so it joins the workspace and may push a later
   token out of the capped slots) leaves every earlier token's output unchanged."""
-  cfg = with_moe(gw_threshold=0.7, gw_slots=2)
+  cfg = CAUSAL
   j = 1
   y, _ = moe_jit(params, X, cfg)
   y2, _ = moe_jit(params, X.at[:, j].set(0.0), cfg)
@@ -192,24 +204,24 @@ def test_causal(params):
   assert b2[:, j].all() and (b1[:, j + 1 :] != b2[:, j + 1 :]).any()  # it took a slot a later token held
 
 
-def _grads(params, cfg):
-  def loss(p, x):
-    y, aux, _ = moe(p, x, cfg, segment_ids=jnp.ones(x.shape[:2], jnp.int32).at[1, 6:].set(0))
-    return jnp.sum(y * jnp.cos(jnp.arange(D))) + sum(aux["losses"].values()), y
-
-  return jax.device_get(jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, X))
-
-
 def test_expert_parallel_equals_one_device(params):
-  """8 devices: experts split over expert=4 (slots all-gathered, partial combinations
-  reduce-scattered; the sparse part's padded all-to-all), hidden units over tensor=2; forward
-  and gradients."""
-  cfg = with_moe(gw_threshold=0.7, gw_slots=3)
-  ref = _grads(params, cfg)
+  """8 devices: experts split over expert=4 (the slots all-gathered, the partial combinations
+  reduce-scattered; the sparse part's padded all-to-all), hidden units over tensor=2: the same
+  outputs and broadcast fraction as the one-device hand computation."""
+  cfg = gw_cfg(slots=3)
+  want, broadcast = _by_hand(params, X, cfg.moe)
   with jax.set_mesh(sharding.make_mesh(MeshConfig(expert=4, tensor=2, fsdp=1))):
-    got = _grads(params, cfg)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    y, aux = moe_jit(params, X, cfg)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(float(aux["metrics"]["moe_gw_broadcast_fraction"]), broadcast.mean(), rtol=1e-6)
+
+
+def test_router_learns_from_the_broadcast_weights(params):
+  """Top-1 renormalised: the plain layer's weight is 1, so the router gets no gradient from the
+  output; with GW-MoE the broadcast tokens' output depends on all E probabilities."""
+  cfg = with_moe(gw_threshold=0.7, top_k=1)
+  loss = lambda r: jnp.sum(moe(dict(params, router=r), X, cfg)[0] * jnp.cos(jnp.arange(D)))
+  assert float(jnp.max(jnp.abs(jax.jit(jax.grad(loss))(params["router"])))) > 1e-3
 
 
 # -- bad input ----------------------------------------------------------------------------------------

@@ -46,8 +46,11 @@ become the dropped sentinel. With expert parallelism each device holds E / ep ex
 are all-gathered over the expert axis (every device's experts see every broadcast token), each
 device combines its experts' outputs with their weights, and a reduce-scatter sums the partial
 combinations back to the slots' devices: ep x S x D rows each way per sequence, with no padding.
-Appending the E x S assignments to the flat routing instead (one sparse pass) was slower on CPU
-(the sort and the block padding grow, and the padded all-to-all sends ep x every row).
+Appending the E x S assignments to the flat routing instead (one sparse pass, measured and
+dropped) was slower: the sort and the block padding grow, and the padded all-to-all sends ep x
+every row. Layer forward + backward, 16 x 128 tokens, D 128, top-2 of 8 experts of width 192,
+8 slots, 2-core CPU, GW / plain: 1.07 dense pass vs 1.11 flat on one device; 1.00 vs 1.29 with
+the experts over 8 devices.
 """
 
 from __future__ import annotations

@@ -85,5 +85,6 @@ def aux_from_stats(stats: Stats, cfg: MoEConfig) -> dict[str, dict[str, jax.Arra
           "moe_gate_score": stats["gate_sum_e"] / jnp.maximum(n, 1.0),
           "moe_dropped_fraction": stats["dropped"] / jnp.maximum(stats["assignments"], 1.0),
           "moe_router_entropy": stats["entropy_sum"] / jnp.maximum(n, 1.0),
+          **({"moe_gw_broadcast_fraction": stats["gw_tokens"] / jnp.maximum(n, 1.0)} if "gw_tokens" in stats else {}),  # GW-MoE (gw.py)
       },
   }
