@@ -31,7 +31,9 @@ Choices, where the paper leaves them open or where this departs from its code:
              ones in sequence order. `moe.gw_slots` is that cap (0: none). First-in-order keeps
              the layer causal: whether token t is broadcast depends on tokens <= t of its row.
   weights    p_e times `route_scale` (the router's own weights with k = E when it renormalises);
-             the gradient reaches the router through them, as in the code.
+             the gradient reaches the router through them, as in the code. (The released Switch
+             code's loop writes p_e * x for each expert in turn, neither calling the expert nor
+             summing: we take that for a slip and follow the stated sum_e p_e E_e(x).)
   losses     the load-balancing loss, z-loss and router metrics are those of the router's top-k
              choice, not of the broadcast (the code's balance loss also reads the top-1 choice);
              the metric `moe_gw_broadcast_fraction` is the fraction of tokens broadcast.
