@@ -69,12 +69,13 @@ class Tokenize:
     return self.split(self.tokens(text))
 
 
+_ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions")  # a packed row's [seq_len] fields
+
+
 class Batches(grain.IterDataset):
   """Packed rows -> batches of `batch_size` rows (a partial last batch is dropped): int32 arrays
   [batch_size, seq_len] filled row by row, "loss_mask" (segment_ids > 0) and "source"
   [batch_size]. (grain's batch then a map stacked and cast every field: ~2.5x the time.)"""
-
-  FIELDS = ("inputs", "targets", "segment_ids", "positions")
 
   def __init__(self, parent: grain.IterDataset, batch_size: int):
     super().__init__(parent)
@@ -91,13 +92,13 @@ class _BatchesIterator(grain.DatasetIterator):
 
   def __next__(self) -> Batch:
     first = next(self._parent)
-    out = {k: np.empty((self.batch_size, *np.shape(first[k])), np.int32) for k in Batches.FIELDS}
+    out = {k: np.empty((self.batch_size, *np.shape(first[k])), np.int32) for k in _ROW_FIELDS}
     source = np.empty(self.batch_size, np.int32)
     row = first
     for i in range(self.batch_size):
       if i:
         row = next(self._parent)
-      for k in Batches.FIELDS:
+      for k in _ROW_FIELDS:
         out[k][i] = row[k]
       source[i] = row["source"]
     return {**out, "loss_mask": (out["segment_ids"] > 0).astype(np.int32), "source": source}
