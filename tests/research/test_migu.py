@@ -235,6 +235,10 @@ def test_train_step_with_scanned_lora_masks_b_by_the_adapted_layers_outputs():
   b_path = ("units", "blocks", 0, "attn", "w_q", "b")
   b0, b1 = (np.asarray(t[b_path].get_value())[0].reshape(2, -1) for t in (dict(state.params.flat_state()), after))
   np.testing.assert_array_equal(np.all(b0 != b1, axis=0), top)
+  moments = [np.asarray(m)[0].reshape(2, -1) for m in jax.tree.leaves(new.opt_state) if np.shape(m) == wq.b.shape]
+  assert len(moments) == 2  # AdamW's mu and nu of this B: zero at the start, still zero where masked
+  for m in moments:
+    np.testing.assert_array_equal(np.any(m != 0, axis=0), top)
   for x0, x1 in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(new.frozen)):
     np.testing.assert_array_equal(np.asarray(x0), np.asarray(x1))
 
@@ -248,6 +252,7 @@ def test_train_step_with_scanned_lora_masks_b_by_the_adapted_layers_outputs():
         (["optim.migu_ratio=1.5"], "optim.migu_ratio is the share of each linear layer's outputs MIGU updates: must be in (0, 1]"),
         (["optim.migu_ratio=-0.1"], "optim.migu_ratio is the share of each linear layer's outputs MIGU updates: must be in (0, 1]"),
         (["optim.migu_ratio=0.3", "peft.method=ia3"], "peft.method must be one of none, lora, dora, subset, not 'ia3'"),
+        (["data.eval_also=('nosuch_source',)"], "nosuch_source"),  # the experiment measures forgetting with data.eval_also
     ],
 )
 def test_bad_migu_input_is_one_line_exit_2(sets, message, tmp_path, capsys):
