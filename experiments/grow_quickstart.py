@@ -6,7 +6,9 @@ with a fresh optimizer. The comparison is the 4-layer model trained from scratch
 data for the same total FLOPs: a small step counts as 0.53 of a large one (its training FLOPs
 per token over the large model's, jaxlm.train.flops), so scratch trains GROWN_STEPS +
 0.53 x SMALL_STEPS = 241 steps. `:scratch_tokens` trains it for the same total tokens (= steps) as small +
-grown instead. Every run has its own warm-up and cosine schedule over its own steps.
+grown instead. The small model's cosine spans small + grown steps (it grows from an intermediate
+checkpoint, as in the paper); the grown run and the scratch runs warm up and decay over their own
+steps (the grown one with a shorter warm-up: its weights are trained, only Adam's moments are new).
 
   jaxlm train grow_quickstart:small             # runs/grow_quickstart_small
   jaxlm train grow_quickstart                   # grown on load (init_from + grow.operator=stack)
@@ -35,7 +37,9 @@ def small() -> Experiment:
       mesh=MeshConfig(fsdp=-1),
       model=ModelConfig(vocab_size=384, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, dtype="float32"),
       data=DataConfig(mixture={"stdlib_prose": 0.5, "stdlib_code": 0.5}, seq_len=128, batch_size=16),
-      optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1),
+      # Its cosine runs over small + grown steps: it grows from an intermediate checkpoint of a longer
+      # schedule, as in the paper (growth at d tokens of a run), not from a fully decayed one.
+      optim=OptimConfig(lr=3e-3, warmup_steps=20, decay_steps=SMALL_STEPS + GROWN_STEPS, min_lr_ratio=0.1, weight_decay=0.1),
       train=TrainConfig(steps=SMALL_STEPS, eval_every=50, eval_batches=4, checkpoint_every=0, log_every=10, sample_tokens=32),
   )
 
@@ -65,6 +69,7 @@ def experiment() -> Experiment:
       model=_large_model(),
       init_from="runs/grow_quickstart_small",
       grow=GrowConfig(operator="stack", factor=FACTOR),
+      optim=dataclasses.replace(base.optim, warmup_steps=10, decay_steps=0),  # a fresh optimizer: a short warm-up of its moments, then its own cosine
       train=dataclasses.replace(base.train, steps=GROWN_STEPS, eval_every=47),
   )
 
@@ -72,7 +77,14 @@ def experiment() -> Experiment:
 def scratch() -> Experiment:
   """The 4-layer model from scratch for the same total FLOPs as small + grown."""
   base = small()
-  return dataclasses.replace(base, name="grow_quickstart_scratch", description="4-layer model from scratch, FLOPs of small + grown (CPU)", model=_large_model(), train=dataclasses.replace(base.train, steps=_scratch_steps(), eval_every=60))
+  return dataclasses.replace(
+      base,
+      name="grow_quickstart_scratch",
+      description="4-layer model from scratch, FLOPs of small + grown (CPU)",
+      model=_large_model(),
+      optim=dataclasses.replace(base.optim, decay_steps=0),  # warm-up and cosine over its own steps
+      train=dataclasses.replace(base.train, steps=_scratch_steps(), eval_every=60),
+  )
 
 
 def scratch_tokens() -> Experiment:
