@@ -36,7 +36,9 @@ Width shares. The paper does not fix how a split weight's shares are drawn. Net2
 shares 1/g keep the copies identical for ever (equal weights, equal gradients), so by default the
 shares are (1 + u_c - mean_c u) / g with u ~ U(-noise, noise) per element (`split_noise`,
 default 0.1): they still sum to 1 (the function is kept, to float rounding) and the copies drift
-apart. `split_noise=0` gives Net2Net's halving exactly.
+apart. `split_noise=0` gives Net2Net's halving exactly. The noise comes from "rbg" keys (XLA's
+RngBitGenerator; threefry over every leaf compiles ~5x slower on a CPU): a seed gives the same
+shares on one backend, not necessarily across backends.
 
 The FFN pattern. A copied layer keeps its FFN kind, so for `stack` layer i's kind in the grown
 model (`first_k_dense`, `ffn_every` unchanged) must be that of source layer i mod L; MoE and
@@ -315,7 +317,7 @@ def grow_state(src_tree: dict, src_cfg: ModelConfig, dst_tree: dict, dst_cfg: Mo
   shardings of dst's arrays."""
   g = check_growth(src_cfg, dst_cfg, grow)
   weights = OPERATORS.get(grow.operator).weights
-  key = jax.random.key(seed, impl="rbg")  # XLA's RngBitGenerator: threefry over every leaf compiles ~5x slower
+  key = jax.random.key(seed, impl="rbg")  # see "Width shares" above
   on_devices = all(isinstance(d, jax.Array) for d in jax.tree.leaves(dst_tree))
   shardings = jax.tree.map(lambda d: d.sharding, dst_tree) if on_devices else None
   run = jax.jit(lambda s, d, k: weights(s, src_cfg, d, dst_cfg, g, noise=grow.split_noise, key=k), out_shardings=shardings)
