@@ -55,12 +55,13 @@ def _unpack(block: tuple[Any, ...]) -> list[Any]:
 
 class Pool:
   """`workers` processes reading blocks of documents of the given MapDatasets, started on first
-  use and shared by the sources of one pipeline. A block holds about `block_tokens` tokens (its
-  number of documents follows the sizes seen so far, from `first_block` documents): a task costs
-  the training process a fixed ~0.3-1.5 ms on the 2-core test machine, so a block should feed
-  several batches."""
+  use and shared by the sources of one pipeline. A block holds about `block_tokens` tokens (2 MiB
+  of int32; its number of documents follows the sizes seen so far, from `first_block` documents):
+  a task costs the training process a fixed ~0.3-1.5 ms on the 2-core test machine, so a block
+  should feed many batches (dense_100m, 2 workers: 0.56 ms of the training process's CPU per
+  batch with 128K-token blocks, 0.45 ms with 512K, 0.37 ms with the documents in memory)."""
 
-  def __init__(self, datasets: Sequence[grain.MapDataset], workers: int, *, block_tokens: int = 1 << 17, first_block: int = 8):
+  def __init__(self, datasets: Sequence[grain.MapDataset], workers: int, *, block_tokens: int = 1 << 19, first_block: int = 8):
     if workers < 1:
       raise ValueError(f"Pool: workers must be >= 1, got {workers}")
     self.datasets, self.workers, self.block_tokens, self.first_block = list(datasets), workers, block_tokens, first_block
