@@ -6,9 +6,9 @@ full-length documents are split too, no BOS handling) on documents of equal-leng
 `seq_len` tokens. A row records for every token its piece of a document (`segment_ids`,
 numbered from 1 within the row; 0 is padding) and its position in that piece (`positions`, from
 0). A document split across rows starts again at position 0 in the next row, as grain's
-ConcatThenSplit numbers it (Krell et al. 2021, "Efficient Sequence Packing without
-Cross-contamination", leave positions of a split sequence open; we keep grain's choice so the
-training data did not change when this packer replaced grain's). A document with no tokens
+ConcatThenSplit numbers it (packing without cross-contamination, Krell et al. 2021, packs whole
+sequences and so leaves a split one open; we keep grain's choice so the training data did not
+change when this packer replaced grain's). A document with no tokens
 takes a segment id in the row being filled, as in grain. Only the last row of a finite parent
 is padded (with zeros, segment 0).
 
