@@ -20,6 +20,14 @@ Kinds:
   expert_choice  Zhou et al. 2022: each expert takes its top-C tokens of each sequence by
                  softmax score. A token's routing depends on later tokens, so it is refused in
                  a causal decoder unless cfg.allow_noncausal_routing.
+  hard_topk      EMoE (Qiu et al. 2023, arXiv 2310.10908, "avg-k gating"): the top-k experts
+                 by logit, each with combine weight 1 (times cfg.route_scale): the chosen
+                 experts' outputs are summed, unweighted, so the router only selects and gets
+                 no gradient from the loss (cfg.renormalize does not apply). probs_te is
+                 softmax(logits), for the balance loss and the metrics.
+
+`avg_keys(w_gate)` is EMoE's router: each expert's mean key (its mean w_gate column), used in
+place of a trained router when cfg.router_from_keys.
 """
 
 from __future__ import annotations
@@ -104,6 +112,25 @@ def expert_choice(logits_ble: jax.Array, cfg: MoEConfig, *, mask_bl: jax.Array, 
   token_bec = pos_bec.astype(jnp.int32) + (jnp.arange(b, dtype=jnp.int32) * l)[:, None, None]
   weight_bec = jnp.where(picked_real, weight_bec, 0.0) * cfg.route_scale
   return Routing(expert_bec.reshape(-1), token_bec.reshape(-1), weight_bec.reshape(-1), probs_ble.reshape(b * l, e), None)
+
+
+@ROUTERS.register("hard_topk")
+def hard_topk(logits_ble: jax.Array, cfg: MoEConfig, *, mask_bl: jax.Array, bias_e: jax.Array | None = None) -> Routing:
+  """EMoE: the top-k experts by logit, combine weight 1 each (their outputs are summed)."""
+  del bias_e
+  logits_te = logits_ble.reshape(-1, logits_ble.shape[-1]).astype(jnp.float32)
+  _, expert_tk = jax.lax.top_k(logits_te, cfg.top_k)
+  weight_tk = jnp.full(expert_tk.shape, cfg.route_scale, jnp.float32)
+  return _token_choice(expert_tk, weight_tk, mask_bl.reshape(-1), jax.nn.softmax(logits_te, axis=-1), cfg.n_experts)
+
+
+def avg_keys(w_gate_edf) -> jax.Array:
+  """EMoE's router [D, E] (float32, no gradient): column e is the mean of expert e's keys
+  w_gate[e, :, f] over its F hidden units, so x . router[:, e] is the mean gate pre-activation
+  of the expert (Qiu et al. 2023, avg-k gating; their LLaMA code takes the same mean of the
+  gate projection's outputs). An adapted weight (PEFT) routes by its base keys."""
+  w = getattr(w_gate_edf, "base", w_gate_edf)
+  return jax.lax.stop_gradient(jnp.mean(w.astype(jnp.float32), axis=-1).T)
 
 
 def router_logits(x_bld: jax.Array, router_de: jax.Array, jitter_bld: jax.Array | None = None) -> jax.Array:
