@@ -67,6 +67,21 @@ def parser() -> argparse.ArgumentParser:
   u.add_argument("--run-dir", required=True, help="new run directory, written at step 0; continue with `jaxlm train EXPERIMENT --run-dir`")
   u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   u.add_argument("--step", type=int, default=None, help="dense checkpoint step (default: latest)")
+  em = conv.add_parser("emoe", help="start an MoE run from a dense run by EMoE: each FFN split into experts by clustering its keys, routed by their mean keys")
+  em.add_argument("dense_run", help="run directory (or Hugging Face model directory) of the trained dense model")
+  em.add_argument("experiment", help="the MoE experiment the new run trains (model.moe.d_ff_expert = d_ff / n_experts)")
+  em.add_argument("--run-dir", required=True, help="new run directory, written at step 0; continue with `jaxlm train EXPERIMENT --run-dir`")
+  em.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  em.add_argument("--step", type=int, default=None, help="dense checkpoint step (default: latest)")
+  em.add_argument("--seed", type=int, default=0, help="seed of the balanced k-means")
+  gr = conv.add_parser("grow", help="start a larger run from a trained smaller one by model growth (Du et al. 2024): G_stack and the paper's other operators")
+  gr.add_argument("run_dir", help="run directory of the trained smaller model")
+  gr.add_argument("dst", help="new run directory: the source's experiment with the grown model, at step 0")
+  gr.add_argument("--factor", type=int, required=True, help="growth factor g: n_layers (or d_ff, d_model) times g")
+  gr.add_argument("--operator", default="stack", help="stack (G_stack, default), zero, random (depth); split_ffn, split_model (width)")
+  gr.add_argument("--split-noise", type=float, default=0.1, help="width operators: spread of the split shares around 1/g (0: equal shares)")
+  gr.add_argument("--step", type=int, default=None, help="source checkpoint step (default: latest)")
+  gr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="settings of the new run, e.g. train.steps=400")
   hi = conv.add_parser("hf-import", help="a Hugging Face model directory (config.json + safetensors) as a jaxlm run at step 0")
   hi.add_argument("src", help="HF model directory: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe or olmoe")
   hi.add_argument("dst", help="new run directory")
@@ -167,6 +182,17 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
+  if args.conversion == "grow":
+    from jaxlm import experiments
+    from jaxlm.models.grow import grow_run
+
+    info = grow_run(Path(args.run_dir), Path(args.dst), operator=args.operator, factor=args.factor, step=args.step, overrides=tuple(args.overrides), split_noise=args.split_noise)
+    same = "computes the source model's function" if info["function_preserving"] else "does not compute the source's function (it is not meant to)"
+    src_layers, dst_layers = info["n_layers"]
+    print(f"grew {info['source']} (step {info['source_step']}, {src_layers} layers) by {info['paper']} x{info['factor']} into {info['run_dir']} at step 0 ({dst_layers} layers); it {same}")
+    name = info["source_name"] if info["source_name"] in experiments.known_names() else "<the source's experiment>"
+    print(f"continue with: jaxlm train {name} --run-dir {info['run_dir']}" + "".join(f" --set {o}" for o in info["overrides"]))
+    return 0
   if args.conversion == "hf-import":
     from jaxlm.interop.hf.runs import import_run
 
@@ -189,9 +215,18 @@ def _convert(args) -> int:
     print(f"exported {info['run_dir']} (step {info['step']}) as {info['model_type']} to {info['out']}{note}")
     return 0
   from jaxlm import experiments
-  from jaxlm.models.upcycle import upcycle_run
 
   exp = experiments.load(args.experiment, args.overrides)
+  if args.conversion == "emoe":
+    from jaxlm.models.emoe import emoe_run
+
+    info = emoe_run(Path(args.dense_run), exp, Path(args.run_dir), step=args.step, seed=args.seed)
+    same = "computes the dense model's function" if info["function_preserved"] else "uses a fraction of the dense FFN per token"
+    print(f"split {info['dense_run']} (step {info['dense_step']}) by EMoE into {info['run_dir']} at step 0: top-{info['top_k']} of {info['n_experts']} experts, it {same}")
+    print(f"continue with: jaxlm train {args.experiment} --run-dir {info['run_dir']}" + "".join(f" --set {o}" for o in args.overrides))
+    return 0
+  from jaxlm.models.upcycle import upcycle_run
+
   info = upcycle_run(Path(args.dense_run), exp, Path(args.run_dir), step=args.step)
   same = "computes the dense model's function" if info["function_preserved"] else "does NOT reproduce the dense function (weights need not sum to 1)"
   print(f"upcycled {info['dense_run']} (step {info['dense_step']}) into {info['run_dir']} at step 0; it {same}")

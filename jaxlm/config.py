@@ -80,7 +80,8 @@ class MoEConfig:
   n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each of size d_ff_expert
   d_ff_shared: int = 0  # hidden width of the shared experts together (0: n_shared_experts * d_ff_expert; Qwen2-MoE sets its own)
   shared_gate: bool = False  # Qwen2-MoE: scale the shared experts' output by sigmoid(x w_shared_gate), w_shared_gate [D, 1]
-  router: str = "softmax_topk"  # routing function: softmax_topk, sigmoid_bias (DeepSeek-V3) or expert_choice
+  router: str = "softmax_topk"  # routing function: softmax_topk, sigmoid_bias (DeepSeek-V3), expert_choice or hard_topk (EMoE: top-k, weight 1 each)
+  router_from_keys: bool = False  # EMoE avg-k gating: route by each expert's mean w_gate column, recomputed from the current experts (no router parameter)
   renormalize: bool = True  # renormalise the k chosen weights to sum to 1
   route_scale: float = 1.0  # multiplier of the combine weights (DeepSeek-V3: 2.5)
   jitter: float = 0.0  # multiplicative router-input jitter in training (Switch): x * U(1-eps, 1+eps)
@@ -93,6 +94,8 @@ class MoEConfig:
   router_z_weight: float = 0.001  # router z-loss weight
   bias_update_rate: float = 0.001  # DeepSeek-V3 selection-bias update rate (sigmoid_bias router)
   allow_noncausal_routing: bool = False  # opt in to expert-choice routing in a causal decoder
+  gw_threshold: float = 0.0  # GW-MoE fine-tuning: broadcast tokens whose router entropy / log E >= this to every expert, in training only (0: off)
+  gw_slots: int = 0  # GW-MoE: broadcast at most this many uncertain tokens per sequence, the first ones (0: no cap)
 
   def __post_init__(self):
     _check(self.n_experts >= 1, "model.moe.n_experts must be >= 1")
@@ -101,7 +104,7 @@ class MoEConfig:
     _check(self.n_shared_experts >= 0, "model.moe.n_shared_experts must be >= 0")
     _check(self.d_ff_shared >= 0, f"model.moe.d_ff_shared must be >= 0, got {self.d_ff_shared}")
     _check(not (self.d_ff_shared or self.shared_gate) or self.n_shared_experts >= 1, "model.moe.d_ff_shared and model.moe.shared_gate need model.moe.n_shared_experts >= 1")
-    routers = ("softmax_topk", "sigmoid_bias", "expert_choice")
+    routers = ("softmax_topk", "sigmoid_bias", "expert_choice", "hard_topk")
     _check(self.router in routers, f"model.moe.router must be one of {routers}, got {self.router!r}")
     _check(self.route_scale > 0, f"model.moe.route_scale must be > 0, got {self.route_scale}")
     _check(0 <= self.jitter < 1, f"model.moe.jitter must be in [0, 1), got {self.jitter}")
@@ -120,6 +123,9 @@ class MoEConfig:
         "model.moe.router='expert_choice' lets a token's routing depend on later tokens of its sequence, which a causal "
         "decoder must not do; set model.moe.allow_noncausal_routing=true to opt in",
     )
+    _check(0 <= self.gw_threshold < 1, f"model.moe.gw_threshold is a fraction of the largest router entropy log E: must be in (0, 1), or 0 for off, got {self.gw_threshold}")
+    _check(self.gw_slots >= 0, f"model.moe.gw_slots must be >= 0, got {self.gw_slots}")
+    _check(not self.gw_threshold or self.router in ("softmax_topk", "sigmoid_bias"), f"model.moe.gw_threshold (GW-MoE) sends an uncertain token to every expert, weighted by its router probabilities, instead of its top-k: it needs router softmax_topk or sigmoid_bias, not {self.router!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +163,22 @@ class SoftMoEConfig:
         self.granularity != "sequence" or self.decode_routing == "prompt",
         "model.soft_moe.decode_routing='segments' needs granularity='segment' (a sequence-level router has no segments)",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperMoEConfig:
+  """HyperMoE (Zhao et al. 2024, arXiv 2402.12656), the `hypermoe` FFN kind: the sparse MoE of
+  model.moe plus, per token, a HyperExpert whose weights a hypernetwork generates from the
+  embeddings of the experts the token did not select (jaxlm.layers.moe.hyper)."""
+
+  expert_dim: int = 64  # width of each expert's learned embedding (the paper's code: 128)
+  process_dim: int = 64  # hidden width of the MLP over the summed embeddings of the unselected experts (the paper's code: 128)
+  hyper_dim: int = 32  # hidden units of the hypernetwork whose linear heads emit the HyperExpert's weights (the paper's code: 128)
+  adapter_dim: int = 16  # bottleneck of the HyperExpert, a ReLU adapter D -> adapter_dim -> D (the paper's code: 64)
+
+  def __post_init__(self):
+    for f in ("expert_dim", "process_dim", "hyper_dim", "adapter_dim"):
+      _check(getattr(self, f) >= 1, f"model.hypermoe.{f} must be >= 1, got {getattr(self, f)}")
 
 
 QK_NORMS = ("none", "head", "proj")
@@ -226,6 +248,7 @@ class ModelConfig:
   attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: xla, cudnn, or auto
   moe: MoEConfig = MoEConfig()  # settings of the `moe` FFN kind
   soft_moe: SoftMoEConfig = SoftMoEConfig()  # settings of the `soft_moe` FFN kind
+  hypermoe: HyperMoEConfig = HyperMoEConfig()  # settings of the `hypermoe` FFN kind (its sparse MoE: model.moe)
 
   def __post_init__(self):
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "ffn_every"):
@@ -275,6 +298,7 @@ class DataConfig:
 
   mixture: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"stdlib_prose": 0.5, "stdlib_code": 0.5})  # {source: weight}: shares of training tokens (sources: jaxlm.data.sources)
   stages: tuple[tuple[int, Mapping[str, float]], ...] = ()  # ((step, {source: weight}), ...): after `step` optimizer steps these weights replace the previous ones (sources from data.mixture; one left out gets 0)
+  eval_also: tuple[str, ...] = ()  # sources evaluated (eval_loss/<source>, and in eval_loss) besides those trained on, never trained on: e.g. an earlier fine-tuning stage's data, to measure forgetting
   seq_len: int = 256  # tokens per packed sequence
   batch_size: int = 16  # global batch in sequences (per optimizer step, before gradient accumulation split)
   tokenizer: str = "byte"  # tokenizer kind (jaxlm.data.tokenizers registry): byte, sentencepiece or hf
@@ -286,6 +310,7 @@ class DataConfig:
   cache_dir: str = ""  # where built datasets live (empty: $JAXLM_CACHE or ~/.cache/jaxlm)
   similarity: str = "none"  # training order: "none" (shuffled) or nearest-neighbour chains (In-Context Pretraining) by "exact", "lsh" or "auto" search
   similarity_neighbors: int = 8  # neighbours searched per document for the similarity order
+  workers: int = 0  # processes per host that read and tokenize training documents (jaxlm.data.workers); 0: the training process; the batches are the same for any number
 
   def __post_init__(self):
     _check(isinstance(self.mixture, Mapping) and len(self.mixture) > 0, "data.mixture must be a non-empty {source: weight} mapping")
@@ -293,6 +318,7 @@ class DataConfig:
       _check(isinstance(w, (int, float)) and w >= 0, f"data.mixture[{k!r}] must be a weight >= 0, got {w!r}")
     _check(sum(self.mixture.values()) > 0, "data.mixture weights must not all be 0")
     object.__setattr__(self, "stages", self._checked_stages())
+    _check(isinstance(self.eval_also, tuple) and all(isinstance(n, str) and n for n in self.eval_also), f"data.eval_also must be a tuple of source names, got {self.eval_also!r}")
     _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
     _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
     from jaxlm.data.tokenizers import TOKENIZERS
@@ -300,6 +326,7 @@ class DataConfig:
     TOKENIZERS.get(self.tokenizer).validate(self)
     _check(self.similarity in ("none", "exact", "lsh", "auto"), f"data.similarity must be none, exact, lsh or auto, got {self.similarity!r}")
     _check(self.similarity_neighbors >= 1, f"data.similarity_neighbors must be >= 1, got {self.similarity_neighbors}")
+    _check(isinstance(self.workers, int) and not isinstance(self.workers, bool) and 0 <= self.workers <= 256, f"data.workers must be an integer from 0 to 256, got {self.workers!r}")
 
   def _checked_stages(self) -> tuple[tuple[int, dict[str, float]], ...]:
     """data.stages as ((step, {source: weight}), ...), steps increasing from 1 (lists accepted)."""
@@ -337,9 +364,11 @@ class OptimConfig:
   eps: float = 1e-8  # Adam epsilon
   weight_decay: float = 0.1  # decoupled weight decay (not applied to norms and biases)
   clip_norm: float = 1.0  # global gradient-norm clipping (0: off)
+  migu_ratio: float = 0.0  # MIGU (Du et al. 2024, jaxlm.train.migu): per linear layer, update only the weights feeding this share of its outputs, those of largest L1 magnitude (paper: 0.3); 0 or 1: off
 
   def __post_init__(self):
     _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+    _check(0 <= self.migu_ratio <= 1, f"optim.migu_ratio is the share of each linear layer's outputs MIGU updates: must be in (0, 1], or 0 for off, got {self.migu_ratio}")
     _check(self.warmup_steps >= 0 and self.decay_steps >= 0, "optim.warmup_steps and optim.decay_steps must be >= 0")
     _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
@@ -389,15 +418,16 @@ class CheckpointConfig:
     _check(self.max_to_keep >= 1, "checkpoint.max_to_keep must be >= 1")
 
 
-PEFT_METHODS = ("none", "lora", "dora", "ia3", "bitfit", "prompt", "bottleneck", "esft", "arrow", "phatgoose", "phatgoose_gates")
+PEFT_METHODS = ("none", "lora", "dora", "ia3", "bitfit", "prompt", "bottleneck", "esft", "arrow", "phatgoose", "phatgoose_gates", "subset")
+MIGU_PEFT_METHODS = ("none", "lora", "dora", "subset")  # the PEFT methods whose updates MIGU can mask
 
 
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
   """Parameter-efficient fine-tuning (jaxlm.peft): the method, the weights it adapts, its sizes."""
 
-  method: str = "none"  # none (train every weight), lora, dora, ia3, bitfit, prompt, bottleneck, esft, arrow, phatgoose, phatgoose_gates
-  targets: tuple[str, ...] = ()  # regexes fully matching parameter paths (e.g. "blocks/.*/attn/w_(q|v)") or "all-linear"; routers only when a pattern says "router"; (): the method's default
+  method: str = "none"  # none (train every weight), lora, dora, ia3, bitfit, prompt, bottleneck, esft, arrow, phatgoose, phatgoose_gates, subset (train the targets' base weights in full, nothing else)
+  targets: tuple[str, ...] = ()  # regexes fully matching parameter paths (e.g. "blocks/.*/attn/w_(q|v)"), "all-linear", "ffn-keys" (every FFN's w_gate, w_up) or "ffn-values" (w_down); routers only when a pattern says "router"; (): the method's default
   rank: int = 8  # LoRA / DoRA rank r
   alpha: float = 16.0  # LoRA scale = alpha / r (alpha / sqrt(r) with rslora)
   rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
@@ -420,6 +450,7 @@ class PeftConfig:
   def __post_init__(self):
     _check(self.method in PEFT_METHODS, f"peft.method must be one of {', '.join(PEFT_METHODS)}; got {self.method!r}")
     _check(isinstance(self.targets, tuple) and all(isinstance(t, str) and t for t in self.targets), f"peft.targets must be a tuple of regexes, got {self.targets!r}")
+    _check(self.method != "subset" or bool(self.targets), "peft.method='subset' trains the base weights peft.targets names: set peft.targets, e.g. ('ffn-keys',) or ('ffn-values',)")
     _check(self.rank >= 1, f"peft.rank must be >= 1, got {self.rank}")
     _check(self.alpha > 0, f"peft.alpha must be > 0, got {self.alpha}")
     _check(0 <= self.dropout < 1, f"peft.dropout must be in [0, 1), got {self.dropout}")
@@ -451,6 +482,24 @@ class PeftConfig:
     return hash(tuple((f.name, str(getattr(self, f.name))) for f in dataclasses.fields(self)))
 
 
+GROW_OPERATORS = ("none", "stack", "zero", "random", "split_ffn", "split_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowConfig:
+  """Model growth on load (jaxlm.models.grow; Du et al. 2024, arXiv 2405.15319): the smaller
+  model of `init_from` grown into `model` before training."""
+
+  operator: str = "none"  # none (init_from's weights copied as they are), stack (G_stack: the source's layers repeated), zero / random (G_zero / G_random: new layers on top, output projections zero / fresh), split_ffn / split_model (width G_direct: FFN hidden units / d_model copied, their readers split)
+  factor: int = 0  # growth factor g (0: read off model and the source, e.g. model.n_layers / the source's n_layers)
+  split_noise: float = 0.1  # width operators: a split weight's g shares are (1 + u_c - mean u) / g, u ~ U(-noise, noise): same function, copies that drift apart (0: Net2Net's equal shares)
+
+  def __post_init__(self):
+    _check(self.operator in GROW_OPERATORS, f"grow.operator must be one of {', '.join(GROW_OPERATORS)}; got {self.operator!r}")
+    _check(self.factor == 0 or self.factor >= 2, f"grow.factor must be >= 2 (or 0: read off model.n_layers / d_ff / d_model and the source's), got {self.factor}")
+    _check(0 <= self.split_noise < 1, f"grow.split_noise must be in [0, 1), got {self.split_noise}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """Everything a run needs, readable top to bottom."""
@@ -465,6 +514,7 @@ class Experiment:
   checkpoint: CheckpointConfig = CheckpointConfig()
   peft: PeftConfig = PeftConfig()  # fine-tuning method (default: train every weight)
   init_from: str = ""  # weights to start from: a jaxlm run directory, or a Hugging Face model directory (whose config.json then sets the model architecture; the experiment keeps its dtype, remat, scan and kernel settings) ("": a fresh initialisation)
+  grow: GrowConfig = GrowConfig()  # grow init_from's smaller model into `model` (model growth; default: copy it as it is)
 
   def __post_init__(self):
     _check(bool(self.name) and "/" not in self.name, f"experiment name must be non-empty without '/', got {self.name!r}")
@@ -476,6 +526,11 @@ class Experiment:
 
     n = TOKENIZERS.get(self.data.tokenizer).planned_vocab_size(self.data)  # None: known once its file is read (run.tokenizer_for)
     _check(n is None or self.model.vocab_size >= n, f"model.vocab_size ({self.model.vocab_size}) is smaller than the {n} tokens of data.tokenizer={self.data.tokenizer!r}")
+    _check(self.grow.operator == "none" or bool(self.init_from), f"grow.operator={self.grow.operator!r} grows the model of init_from: set init_from to a smaller jaxlm run")
+    _check(
+        self.optim.migu_ratio in (0, 1) or self.peft.method in MIGU_PEFT_METHODS,
+        f"optim.migu_ratio (MIGU) masks the updates of linear weights and of LoRA / DoRA adapters: peft.method must be one of {', '.join(MIGU_PEFT_METHODS)}, not {self.peft.method!r}",
+    )
     if "soft_moe" in self.model.ffn_kinds and self.model.soft_moe.granularity == "segment":
       t = self.model.soft_moe.segment_len
       _check(self.data.seq_len % t == 0, f"data.seq_len ({self.data.seq_len}) must be a multiple of model.soft_moe.segment_len ({t})")
@@ -524,6 +579,7 @@ _PREFIXES = {
     "MeshConfig": "mesh",
     "MoEConfig": "model.moe",
     "SoftMoEConfig": "model.soft_moe",
+    "HyperMoEConfig": "model.hypermoe",
     "AttentionConfig": "model.attention",
     "RopeScalingConfig": "model.rope_scaling",
     "ModelConfig": "model",
@@ -532,6 +588,7 @@ _PREFIXES = {
     "TrainConfig": "train",
     "CheckpointConfig": "checkpoint",
     "PeftConfig": "peft",
+    "GrowConfig": "grow",
     "Experiment": "experiment",
 }
 
@@ -587,5 +644,5 @@ def _typed(cls: type) -> None:
   cls.__post_init__ = __post_init__
 
 
-for _cls in (MeshConfig, MoEConfig, SoftMoEConfig, AttentionConfig, RopeScalingConfig, ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, PeftConfig, Experiment):
+for _cls in (MeshConfig, MoEConfig, SoftMoEConfig, HyperMoEConfig, AttentionConfig, RopeScalingConfig, ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, PeftConfig, GrowConfig, Experiment):
   _typed(_cls)

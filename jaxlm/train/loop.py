@@ -64,7 +64,7 @@ def validate(exp: Experiment, run_dir: Path | None) -> None:
     )
   if exp.data.batch_size % jax.process_count():
     raise ConfigError(f"data.batch_size ({exp.data.batch_size}) must be divisible by the number of processes ({jax.process_count()})")
-  for name in mixture.source_names(exp.data.mixture, exp.data.stages):
+  for name in mixture.source_names(exp.data.mixture, exp.data.stages) + list(exp.data.eval_also):
     sources.check(name, exp.data.cache_dir)
   if (tok := tokenizers.load(exp.data)) is not None:  # a tokenizer the config names (not one still to train)
     tokenizers.check_vocab(tok, exp.model.vocab_size)
@@ -162,8 +162,9 @@ def datasets(exp: Experiment, tokenizer, split: str, *, per_source: bool = False
   )
   if per_source:
     names = mixture.source_names(exp.data.mixture, exp.data.stages)
+    names += [n for n in exp.data.eval_also if n not in names]  # evaluated, never trained on
     return {n: pipeline.lm_dataset({n: 1.0}, split, tokenizer, shuffle=False, **kw) for n in names}
-  similar = dict(similarity=exp.data.similarity, similarity_neighbors=exp.data.similarity_neighbors, hosts=hosts.current())  # training order only
+  similar = dict(similarity=exp.data.similarity, similarity_neighbors=exp.data.similarity_neighbors, hosts=hosts.current(), workers=exp.data.workers)  # training only
   return pipeline.lm_dataset(exp.data.mixture, split, tokenizer, shuffle=exp.data.shuffle, stages=exp.data.stages, **kw, **similar)
 
 

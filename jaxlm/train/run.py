@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 
 from jaxlm import peft, sharding
-from jaxlm.config import Experiment, MeshConfig, from_dict, to_dict
+from jaxlm.config import Experiment, MeshConfig, MoEConfig, from_dict, to_dict
 from jaxlm.data import tokenizers
 from jaxlm.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from jaxlm.errors import ConfigError
@@ -50,7 +50,7 @@ def check_resumable(saved: Experiment, new: Experiment) -> None:
   mesh and checkpoint may change."""
   if saved.init_from != new.init_from:
     raise ConfigError(f"the run directory holds a run that started from init_from={saved.init_from!r}, not {new.init_from!r}; use another --run-dir")
-  for section in ("model", "data", "peft"):
+  for section in ("model", "data", "peft", "grow"):
     a, b = to_dict(getattr(saved, section)), to_dict(getattr(new, section))
     if a != b:
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -91,6 +91,8 @@ def resolve_init(exp: Experiment, run_dir: Path | None) -> dict[str, Any] | None
     return json.loads((Path(run_dir) / INIT_FILE).read_text())
   path = Path(exp.init_from)
   if hf.is_hf_dir(path):
+    if exp.grow.operator != "none":
+      raise ConfigError(f"grow.operator={exp.grow.operator!r} grows a jaxlm run; init_from {exp.init_from} is a Hugging Face model (import it first: jaxlm convert hf-import)")
     hf.check_dir(path, exp.model)  # weights present and shaped for the model, before anything is written
     return {"path": str(path), "format": "hf"}
   if not (path / CONFIG_FILE).is_file():
@@ -98,13 +100,18 @@ def resolve_init(exp: Experiment, run_dir: Path | None) -> dict[str, Any] | None
   from jaxlm.train.checkpoint import Checkpointer
 
   saved = load_config(path)
+  grown = None
+  if exp.grow.operator != "none":  # model growth: the source's model must grow into exp.model
+    from jaxlm.models.grow import check_growth
+
+    grown = {"operator": exp.grow.operator, "factor": check_growth(saved.model, exp.model, exp.grow), "source_n_layers": saved.model.n_layers}
   ckpt = Checkpointer(path / CHECKPOINTS, saved.checkpoint, read_only=True) if (path / CHECKPOINTS).is_dir() else None
   step = ckpt.latest_step() if ckpt else None
   if ckpt:
     ckpt.close()
   if step is None:
     raise ConfigError(f"init_from {exp.init_from}: the run has no checkpoint yet")
-  return {"path": str(path), "step": int(step)}
+  return {"path": str(path), "step": int(step), **({"grow": grown} if grown else {})}
 
 
 def record(run_dir: Path, name: str, value: Any) -> None:
@@ -121,6 +128,7 @@ def read_record(run_dir: Path | None, name: str) -> Any:
 
 # ModelConfig fields that may differ between a run and the weights it starts from.
 INIT_FREE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")
+INIT_FREE_MOE_FIELDS = ("gw_threshold", "gw_slots")  # fine-tuning options (GW-MoE) that shape no parameter
 
 
 def copy_weights(src: nnx.Module, dst: nnx.Module) -> None:
@@ -132,7 +140,10 @@ def copy_weights(src: nnx.Module, dst: nnx.Module) -> None:
   from jaxlm.peft.modules import Adapted
 
   a, b = src.cfg, dst.cfg
+  free_moe = lambda m: dataclasses.replace(m, **{k: getattr(MoEConfig(), k) for k in INIT_FREE_MOE_FIELDS})
   for f in dataclasses.fields(a):
+    if f.name == "moe" and free_moe(a.moe) == free_moe(b.moe):
+      continue
     if f.name not in INIT_FREE_FIELDS and getattr(a, f.name) != getattr(b, f.name):
       raise ConfigError(f"init_from: model.{f.name} is {getattr(b, f.name)!r} but the weights come from a model with {getattr(a, f.name)!r}")
   if any(isinstance(n, Adapted) for _, n in nnx.iter_graph(dst)):
@@ -163,7 +174,12 @@ def initial_model(exp: Experiment, mesh: Any, rules: Any, *, abstract: bool = Fa
       model = build(exp.model, mesh, seed=exp.train.seed, rules=rules)
     if init is not None and not abstract and init.get("format") != "hf":
       _, src, _, _ = load_for_inference(Path(init["path"]), step=init["step"], mesh=mesh, merged=True)
-      copy_weights(src, model)
+      if exp.grow.operator != "none":  # a smaller model grown into this one (jaxlm.models.grow)
+        from jaxlm.models.grow import grow_into
+
+        grow_into(src, model, exp.grow, seed=exp.train.seed)
+      else:
+        copy_weights(src, model)
       del src
     return peft.apply(model, exp.peft, seed=exp.train.seed, **(peft_inputs or {}))
 

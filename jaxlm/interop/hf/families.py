@@ -303,6 +303,8 @@ class Family:
       m = cfg.moe
       if m.router != "softmax_topk" or m.route_scale != 1.0 or m.mode != "dropless":
         raise ConfigError(f"{self.model_type} routes by softmax top-k without capacity or scale (model.moe.router={m.router!r}, route_scale={m.route_scale}, mode={m.mode!r})")
+      if m.router_from_keys:
+        raise ConfigError(f"{self.model_type} has a trained router: model.moe.router_from_keys (EMoE) cannot be exported")
       if m.n_shared_experts and not (self.shared_expert and m.shared_gate):
         raise ConfigError(
             f"{self.model_type} has no shared experts (model.moe.n_shared_experts={m.n_shared_experts})"

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jaxlm.config import MoEConfig
 from jaxlm.layers.experts import ExpertWeights
-from jaxlm.layers.moe import exchange
+from jaxlm.layers.moe import exchange, gw
 from jaxlm.layers.moe import layout as lay
 from jaxlm.layers.moe.exchange import NO_EXPERT_AXIS, ExpertAxis
 from jaxlm.layers.moe.gmm import block_rows_for, run_experts
@@ -49,7 +49,8 @@ def routed_local(
     gates_bln: jax.Array | None = None,
     ep: ExpertAxis = NO_EXPERT_AXIS,
 ) -> tuple[jax.Array, Stats]:
-  """(y [B, L, D] of the routed experts, this device's router stats).
+  """(y [B, L, D] of the routed experts, this device's router stats; stats[SELECTED] [B, L, E]
+  marks each token's chosen experts).
 
   `gates_bln`: per-token gates over a bank of expert adapters (or None).
   """
@@ -57,6 +58,9 @@ def routed_local(
   t = b * l
   logits_ble = router_logits(x_bld, router_de, jitter_bld)
   routing = ROUTERS.get(cfg.router)(logits_ble, cfg, mask_bl=mask_bl, bias_e=bias_e)
+  selected, workspace = routing, None
+  if cfg.gw_threshold > 0:  # GW-MoE (training): uncertain tokens leave their top-k for every expert (gw.py)
+    routing, workspace = gw.split(routing, mask_bl, cfg)
   x_td = x_bld.reshape(t, d)
   n_gates = 0
   if gates_bln is not None:
@@ -75,7 +79,11 @@ def routed_local(
     exchange_fn = exchange.dropless_ragged if ep.ragged else exchange.dropless_padded
     layout, y_nd = exchange_fn(x_td, routing, experts, ep, cfg=cfg, backend=backend, n_gates=n_gates)
   y_td = lay.combine(y_nd, routing, t)
-  stats = router_stats(logits_ble.reshape(t, -1), routing, mask_bl.reshape(t), lay.dropped(layout, routing.expert_n, cfg.n_experts))
+  stats = router_stats(logits_ble.reshape(t, -1), selected, mask_bl.reshape(t), lay.dropped(layout, routing.expert_n, cfg.n_experts))
+  if workspace is not None:
+    y_td = y_td + gw.all_experts(x_td, workspace, run, experts.n_experts, ep)
+    stats["gw_tokens"] = workspace.count(t)
+  stats[SELECTED] = selected_experts(selected, t, cfg.n_experts).reshape(b, l, -1)
   return y_td.reshape(b, l, d), stats
 
 
@@ -96,3 +104,13 @@ def _swap_device_expert(x_md: jax.Array, n_outer: int, n_inner: int) -> jax.Arra
   [source device, local expert, S]; the expert matmul wants each local expert's slots together."""
   d = x_md.shape[-1]
   return x_md.reshape(n_outer, n_inner, -1, d).swapaxes(0, 1).reshape(-1, d)
+
+
+SELECTED = "selected_ble"  # the stats entry that is per token, not a sum: never added over devices
+
+
+def selected_experts(routing: Routing, n_tokens: int, n_experts: int) -> jax.Array:
+  """float32 [T, E]: 1 where the router chose expert e for token t (its top-k, before capacity
+  drops; padding tokens choose none), for layers built on the routing (HyperMoE, `moe.hyper`)."""
+  chosen_te = jnp.zeros((n_tokens, n_experts + 1), jnp.float32).at[routing.token_n, routing.expert_n].max(1.0)
+  return jax.lax.stop_gradient(chosen_te[:, :n_experts])

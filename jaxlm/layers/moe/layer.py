@@ -27,10 +27,11 @@ from jaxlm.layers import linear
 from jaxlm.layers.experts import Experts, ExpertWeights
 from jaxlm.layers.ffn import FFN, FFNKind
 from jaxlm.layers.mlp import MLP, swiglu
+from jaxlm.layers.moe import gw
 from jaxlm.layers.moe.gmm import resolve_backend, target_platform
 from jaxlm.layers.moe.losses import Stats, aux_from_stats
 from jaxlm.layers.moe.parallel import routed_experts
-from jaxlm.layers.moe.routing import jitter_noise, update_bias
+from jaxlm.layers.moe.routing import avg_keys, jitter_noise, update_bias
 from jaxlm.layers.params import normal, param
 from jaxlm.sharding import shard
 
@@ -58,11 +59,13 @@ def moe(
 ) -> tuple[jax.Array, Aux, Stats]:
   """Pure MoE layer: (y [B, L, D], aux, stats) from explicit params.
 
-  params: {"router": [D, E], "w_gate": [E, D, F], "w_up": [E, D, F], "w_down": [E, F, D],
+  params: {"router": [D, E] (absent with moe.router_from_keys: EMoE's `avg_keys(w_gate)` routes),
+  "w_gate": [E, D, F], "w_up": [E, D, F], "w_down": [E, F, D],
   optionally "bias": [E] (sigmoid_bias router), "shared": {"w_gate", "w_up", "w_down"} and
   "shared_gate": [D, 1] (Qwen2-MoE; gate logit in float32)}.
   `jitter_key` enables the router jitter (training only). `stats` holds the batch-global
-  router sums, e.g. `stats["counts_e"]` for the DeepSeek-V3 bias update (`update_bias`).
+  router sums, e.g. `stats["counts_e"]` for the DeepSeek-V3 bias update (`update_bias`), and one
+  per-token entry, `stats["selected_ble"]` [B, L, E]: 1 where the router chose the expert.
   """
   m = cfg.moe
   dt = jnp.dtype(cfg.dtype)
@@ -75,7 +78,7 @@ def moe(
   y_bld, stats = routed_experts(
       x_bld,
       mask_bl,
-      params["router"],
+      avg_keys(experts.w_gate) if m.router_from_keys else params["router"],
       experts,
       cfg=m,
       backend=resolve_backend(m.gmm_backend),
@@ -115,7 +118,7 @@ class MoE(FFNKind):
     m = cfg.moe
     d, f, e = cfg.d_model, m.d_ff_expert or cfg.d_ff, m.n_experts
     self.cfg = cfg
-    self.router = param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype, fan_in=(0,))
+    self.router = None if m.router_from_keys else param(rngs, normal(cfg.init_std), (d, e), ("embed", None), cfg.param_dtype, fan_in=(0,))
     self.experts = Experts(cfg, e, f, expert_axis="expert", rngs=rngs)
     self.shared = MLP(cfg, d_ff=MoE.d_ff_shared(cfg), rngs=rngs) if m.n_shared_experts else None
     self.shared_gate = param(rngs, normal(cfg.init_std), (d, 1), ("embed", None), cfg.param_dtype, fan_in=(0,)) if m.shared_gate else None
@@ -162,8 +165,16 @@ class MoE(FFNKind):
 
   def __call__(self, x_bld: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     del positions
+    y, aux, _ = self.forward(x_bld, segment_ids=segment_ids)
+    return y, aux
+
+  def forward(self, x_bld: jax.Array, *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, Aux, Stats]:
+    """(y, aux, stats): the layer and its router stats, where kinds built on the MoE read the
+    routing (stats["selected_ble"], each token's chosen experts: `jaxlm.layers.moe.hyper`)."""
     with jax.named_scope("moe"):
-      params: dict[str, Any] = {"router": self.router[...], **self.experts.params()}
+      params: dict[str, Any] = self.experts.params()
+      if self.router is not None:
+        params["router"] = self.router[...]
       if self.bias is not None:
         params["bias"] = self.bias[...]
       if self.shared is not None:
@@ -174,8 +185,9 @@ class MoE(FFNKind):
       if self.jitter_key is not None and not self.deterministic:
         key = jax.random.fold_in(jax.random.wrap_key_data(self.jitter_key[...]), self.jitter_step[0])
         self.jitter_step[...] = self.jitter_step[...] + 1
-      y, aux, stats = moe(params, x_bld, self.cfg, segment_ids=segment_ids, jitter_key=key)
+      cfg = gw.without(self.cfg) if self.deterministic else self.cfg  # GW-MoE broadcasts in training only
+      y, aux, stats = moe(params, x_bld, cfg, segment_ids=segment_ids, jitter_key=key)
       if self.bias is not None and not self.deterministic:
         self.bias[...] = update_bias(self.bias[...], stats["counts_e"], self.cfg.moe.bias_update_rate)
-      return y, aux
+      return y, aux, stats
 

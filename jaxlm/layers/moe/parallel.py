@@ -9,6 +9,7 @@ mesh axis, so routing, sorting and capacity are local to a device, as in GShard'
                               weights before the map and reduce-scatters their gradients)
   router [D, E], bias [E]     replicated
   router stats                summed over the batch axes: losses and metrics are batch-global
+  selected experts [B, L, E]  per token (stats[SELECTED]): split over the batch axes like x
 
 Several experts per device when E > expert-axis size. Tokens that are not split over the
 expert axis (a batch smaller than the axis, e.g. decoding one sequence) are replicated on it,
@@ -33,7 +34,7 @@ from jaxlm import sharding
 from jaxlm.config import MoEConfig
 from jaxlm.layers.experts import ExpertWeights
 from jaxlm.layers.moe.exchange import ExpertAxis
-from jaxlm.layers.moe.forward import routed_local
+from jaxlm.layers.moe.forward import SELECTED, routed_local
 from jaxlm.layers.moe.losses import Stats, psum_stats
 
 
@@ -93,11 +94,13 @@ def routed_experts(
   if gates_bln is not None:
     args["gates"], specs["gates"] = gates_bln, x_spec
 
-  def body(a: dict[str, Any]) -> tuple[jax.Array, Stats]:
+  def body(a: dict[str, Any]) -> tuple[jax.Array, Stats, jax.Array]:
     y, stats = routed_local(a["x"], a["mask"], a["router"], a["experts"], bias_e=a.get("bias"), jitter_bld=a.get("jitter"), gates_bln=a.get("gates"), ep=ep, **local)
     if mlp_axes:
       y = jax.lax.psum(y, _name(mlp_axes))  # partial sums over the hidden units of the experts
-    return y, psum_stats(stats, batch_axes)
+    selected = stats.pop(SELECTED)  # per token: split over the batch like x, never summed
+    return y, psum_stats(stats, batch_axes), selected
 
   stats_specs = PartitionSpec()
-  return jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=(x_spec, stats_specs))(args)
+  y, stats, selected = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=(x_spec, stats_specs, x_spec))(args)
+  return y, {**stats, SELECTED: selected}
