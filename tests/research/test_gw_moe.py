@@ -142,7 +142,11 @@ CAUSAL = gw_cfg(slots=2, mode="capacity")  # (one compiled layer for both tests)
 
 @pytest.mark.parametrize(
     "router, threshold, slots, mode",
-    [("softmax_topk", 0.7, 0, "dropless"), ("softmax_topk", 0.7, 2, "capacity"), ("sigmoid_bias", 0.93, 0, "dropless")],
+    [
+        ("softmax_topk", 0.7, 0, "dropless"),
+        pytest.param("softmax_topk", 0.7, 2, "capacity", marks=pytest.mark.slow),  # make test-all: one more compile each
+        pytest.param("sigmoid_bias", 0.93, 0, "dropless", marks=pytest.mark.slow),
+    ],
 )
 def test_training_path_equals_dense_combine_for_broadcast_tokens(params, router, threshold, slots, mode):
   cfg = gw_cfg(router, threshold, slots, mode)
@@ -204,6 +208,7 @@ def test_causal(params):
   assert b2[:, j].all() and (b1[:, j + 1 :] != b2[:, j + 1 :]).any()  # it took a slot a later token held
 
 
+@pytest.mark.slow  # make test-all: the 8-device compile; test_training_path_* checks the same combine on one device
 def test_expert_parallel_equals_one_device(params):
   """8 devices: experts split over expert=4 (the slots all-gathered, the partial combinations
   reduce-scattered; the sparse part's padded all-to-all), hidden units over tensor=2: the same

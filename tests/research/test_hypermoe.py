@@ -155,6 +155,7 @@ def test_changing_a_later_token_never_changes_earlier_outputs(layer, x):
     assert not np.allclose(out[0, j], base[0, j])
 
 
+@pytest.mark.slow  # make test-all: the 8-device compile; the MoE under it is tested sharded in tests/layers/test_moe_parallel.py
 def test_expert_parallel_equals_one_device(layer, x):
   """The layer on an expert=4 x fsdp=2 mesh (each device 2 experts, batch split 8 ways) equals
   the one-device layer."""
@@ -183,6 +184,7 @@ def model():
   return wake_up_heads(filled(lambda: Transformer(dataclasses.replace(CFG, n_layers=1), rngs=nnx.Rngs(2)), seed=2))
 
 
+@pytest.mark.slow  # make test-all: decoding compiles a cache step; stateless FFN kinds decode through the shared path tested in tests/test_generate.py
 def test_decoding_token_by_token_with_the_cache_equals_the_full_forward(model):
   tokens = jnp.asarray(np.random.default_rng(4).integers(3, CFG.vocab_size, (2, 8)), jnp.int32)
   full = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, tokens))

@@ -200,6 +200,7 @@ def test_scanned_layers_see_the_magnitudes_of_the_unscanned_model():
       np.testing.assert_allclose(v, np.stack(per_layer), rtol=1e-5)
 
 
+@pytest.mark.slow  # make test-all: a whole train step compile; the masks and magnitudes have fast tests above
 def test_train_step_with_scanned_lora_masks_b_by_the_adapted_layers_outputs():
   """Scanned layers with LoRA: the layer's output is x (W + s A B); one train step changes, per
   layer, the B columns of its top half of outputs (those of layer 0's w_q computed by hand) and
