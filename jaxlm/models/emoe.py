@@ -56,7 +56,7 @@ from jaxlm.config import Experiment, ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.models.build import build, layer_trees, set_layer_trees, update_from_pure_dict
 from jaxlm.models.transformer import Transformer
-from jaxlm.models.upcycle import FREE_FIELDS, _like
+from jaxlm.models.upcycle import FREE_FIELDS, _like, moe_state_from_dense
 
 
 def check_compatible(dense: ModelConfig, moe: ModelConfig) -> None:
@@ -152,26 +152,16 @@ def emoe_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, moe_c
   """Pure-dict version: `moe_state` with every MoE layer's experts (and router, when the config
   has one) cut from that layer's dense FFN; every other weight copied from the dense model."""
   check_compatible(dense_cfg, moe_cfg)
-  src, dst = layer_trees(dense_state, dense_cfg), layer_trees(moe_state, moe_cfg)
-  out = []
-  for i, (s, d) in enumerate(zip(src, dst)):
-    new = {k: _like(v, d[k]) for k, v in s.items() if k != "ffn"}
-    if moe_cfg.layer_ffn(i) == "dense":
-      new["ffn"] = _like(s["ffn"], d["ffn"])
-    else:
-      experts, router_de = split_ffn(s["ffn"], partition(s["ffn"]["w_gate"], moe_cfg.moe.n_experts, seed=seed))
-      ffn = dict(d["ffn"])  # keeps the layer's fresh non-trainable state (selection bias, jitter)
-      ffn["experts"] = _like(experts, d["ffn"]["experts"])
-      if "router" in ffn:
-        ffn["router"] = _like(router_de, ffn["router"])
-      new["ffn"] = ffn
-    out.append(new)
-  result = dict(moe_state)
-  for k in dense_state:
-    if k not in ("blocks", "prefix", "units"):
-      result[k] = _like(dense_state[k], moe_state[k])
-  set_layer_trees(result, moe_cfg, out)
-  return result
+
+  def split(s: dict, d: dict) -> dict:
+    experts, router_de = split_ffn(s, partition(s["w_gate"], moe_cfg.moe.n_experts, seed=seed))
+    ffn = dict(d)  # keeps the layer's fresh non-trainable state (selection bias, jitter)
+    ffn["experts"] = _like(experts, d["experts"])
+    if "router" in ffn:
+      ffn["router"] = _like(router_de, ffn["router"])
+    return ffn
+
+  return moe_state_from_dense(dense_state, dense_cfg, moe_state, moe_cfg, split)
 
 
 def emoe(dense: Transformer, moe_cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Transformer:

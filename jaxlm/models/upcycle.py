@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,22 +61,15 @@ def _like(src: Any, dst: Any) -> Any:
   return jax.tree.map(one, src, dst)
 
 
-def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, moe_cfg: ModelConfig) -> dict:
-  """Pure-dict version: the freshly initialised `moe_state` with the dense weights copied in."""
-  check_compatible(dense_cfg, moe_cfg)
+def moe_state_from_dense(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, moe_cfg: ModelConfig, moe_ffn: Callable[[dict, dict], dict]) -> dict:
+  """The freshly initialised `moe_state` with the dense model's weights copied in: everything but
+  the MoE layers' FFNs as is, and each MoE layer's FFN from `moe_ffn(dense_ffn, fresh_moe_ffn)`
+  (upcycling copies the MLP into every expert, EMoE splits it). The caller checks the configs."""
   src, dst = layer_trees(dense_state, dense_cfg), layer_trees(moe_state, moe_cfg)
   out = []
   for i, (s, d) in enumerate(zip(src, dst)):
     new = {k: _like(v, d[k]) for k, v in s.items() if k != "ffn"}
-    if moe_cfg.layer_ffn(i) == "dense":
-      new["ffn"] = _like(s["ffn"], d["ffn"])
-    else:
-      e = moe_cfg.moe.n_experts
-      ffn = dict(d["ffn"])  # fresh router (and bias, jitter state, shared experts)
-      ffn["experts"] = {name: _like(jnp.broadcast_to(jnp.asarray(s["ffn"][name])[None], (e,) + tuple(jnp.shape(s["ffn"][name]))), d["ffn"]["experts"][name]) for name in NAMES}
-      if "shared" in ffn and ffn["shared"] is not None:
-        ffn["shared"] = dict(ffn["shared"], w_down=jnp.zeros_like(ffn["shared"]["w_down"]))  # contributes 0 at step 0
-      new["ffn"] = ffn
+    new["ffn"] = _like(s["ffn"], d["ffn"]) if moe_cfg.layer_ffn(i) == "dense" else moe_ffn(s["ffn"], d["ffn"])
     out.append(new)
   result = dict(moe_state)
   for k in dense_state:
@@ -84,6 +77,21 @@ def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, mo
       result[k] = _like(dense_state[k], moe_state[k])
   set_layer_trees(result, moe_cfg, out)
   return result
+
+
+def upcycle_state(dense_state: dict, dense_cfg: ModelConfig, moe_state: dict, moe_cfg: ModelConfig) -> dict:
+  """Pure-dict version: the freshly initialised `moe_state` with the dense weights copied in."""
+  check_compatible(dense_cfg, moe_cfg)
+  e = moe_cfg.moe.n_experts
+
+  def copies(s: dict, d: dict) -> dict:
+    ffn = dict(d)  # fresh router (and bias, jitter state, shared experts)
+    ffn["experts"] = {name: _like(jnp.broadcast_to(jnp.asarray(s[name])[None], (e,) + tuple(jnp.shape(s[name]))), d["experts"][name]) for name in NAMES}
+    if "shared" in ffn and ffn["shared"] is not None:
+      ffn["shared"] = dict(ffn["shared"], w_down=jnp.zeros_like(ffn["shared"]["w_down"]))  # contributes 0 at step 0
+    return ffn
+
+  return moe_state_from_dense(dense_state, dense_cfg, moe_state, moe_cfg, copies)
 
 
 def upcycle(dense: Transformer, moe_cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Transformer:
