@@ -31,45 +31,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import interleaved_times, write_result
-from benchmarks.train_step import synthetic_batch
-from jaxlm.config import Experiment, MeshConfig
+from benchmarks.train_step import CompiledStep, one_device
+from jaxlm.config import Experiment
 from jaxlm.experiments import load
-from jaxlm.train import aot, loop
+from jaxlm.train import loop
 
 GOALS = {"step_time_ratio": "<= 1.1", "eval_time_ratio": "== 1.0 (+- timing noise)"}
 
 
-def _one_device(exp: Experiment) -> Experiment:
-  return dataclasses.replace(exp, mesh=MeshConfig(fsdp=1, devices=1), model=dataclasses.replace(exp.model, scan_layers=False))
-
-
 def _compiled(exp: Experiment):
-  """(run one train step, run one eval forward, compiled train FLOPs), each callable blocking."""
-  setup = loop.prepare(exp, jax.devices()[:1])
-  b, l = exp.data.batch_size, exp.data.seq_len
-  with jax.set_mesh(setup.mesh):
-    batch = loop.to_global(synthetic_batch(b, l, exp.model.vocab_size), setup.batch_sharding)
-    train = setup.train_step.lower(setup.state, batch).compile()
-    s = setup.state
-    lowered = setup.eval_step.lower(s.params, s.frozen, s.rest, batch)
+  """(run one train step, run one eval forward, compiled train FLOPs, the eval program's HLO), each callable blocking."""
+  c = CompiledStep(exp)
+  with jax.set_mesh(c.setup.mesh):
+    lowered = c.setup.eval_step.lower(c.state.params, c.state.frozen, c.state.rest, c.batch)
     evaluate = lowered.compile()
-  box = {"state": setup.state}
-
-  def step():
-    with jax.set_mesh(setup.mesh):
-      box["state"], m = train(box["state"], batch)
-      jax.block_until_ready(m)
 
   def forward():  # (on the current state: the train step donates the previous one)
-    st = box["state"]
-    with jax.set_mesh(setup.mesh):
-      jax.block_until_ready(evaluate(st.params, st.frozen, st.rest, batch))
+    with jax.set_mesh(c.setup.mesh):
+      jax.block_until_ready(evaluate(c.state.params, c.state.frozen, c.state.rest, c.batch))
 
-  return step, forward, aot.summary(train)["flops"], lowered.as_text()
+  return c.step, forward, c.flops, lowered.as_text()
 
 
 def bench_time(rounds: int) -> dict[str, Any]:
-  plain, gw = _one_device(load("gw_moe_quickstart:plain")), _one_device(load("gw_moe_quickstart"))
+  plain, gw = one_device(load("gw_moe_quickstart:plain")), one_device(load("gw_moe_quickstart"))
   step_p, fwd_p, flops_p, hlo_p = _compiled(dataclasses.replace(plain, init_from=""))
   step_g, fwd_g, flops_g, hlo_g = _compiled(dataclasses.replace(gw, init_from=""))
   t = interleaved_times({"train_plain": step_p, "train_gw": step_g}, warmup=2, rounds=rounds)
@@ -107,10 +92,10 @@ def _uncertain_fraction(exp: Experiment) -> float:
 
 def bench_experiment(root: Path, quick: bool) -> dict[str, Any]:
   shorten = lambda e, steps: dataclasses.replace(e, train=dataclasses.replace(e.train, steps=steps, eval_every=0, checkpoint_every=0)) if quick else e
-  base = _one_device(shorten(load("gw_moe_quickstart:base"), 20))
+  base = one_device(shorten(load("gw_moe_quickstart:base"), 20))
   runs = {"base": base}
   for name, variant in (("plain", "gw_moe_quickstart:plain"), ("gw", "gw_moe_quickstart")):
-    runs[name] = dataclasses.replace(_one_device(shorten(load(variant), 10)), init_from=str(root / "base"))
+    runs[name] = dataclasses.replace(one_device(shorten(load(variant), 10)), init_from=str(root / "base"))
   out: dict[str, Any] = {}
   for name, exp in runs.items():
     loop.train(exp, root / name)  # (a finished run in --runs is kept: "nothing to do")

@@ -33,41 +33,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import interleaved_times, write_result
-from benchmarks.train_step import synthetic_batch
-from jaxlm.config import Experiment, MeshConfig
+from benchmarks.train_step import CompiledStep, one_device
+from jaxlm.config import Experiment
 from jaxlm.experiments import load
 from jaxlm.layers import linear
-from jaxlm.train import aot, loop, migu
+from jaxlm.train import loop, migu
 
 GOALS = {"step_time_ratio": "<= 1.1"}
 ARMS = {"plain": "migu_quickstart:plain", "migu": "migu_quickstart", "keys": "migu_quickstart:keys", "values": "migu_quickstart:values"}
 
 
-def _one_device(exp: Experiment) -> Experiment:
-  return dataclasses.replace(exp, mesh=MeshConfig(fsdp=1, devices=1), model=dataclasses.replace(exp.model, scan_layers=False))
-
-
-def _compiled(exp: Experiment):
-  """(run one train step, blocking; compiled train FLOPs) on fresh weights."""
-  setup = loop.prepare(exp, jax.devices()[:1])
-  b, l = exp.data.batch_size, exp.data.seq_len
-  with jax.set_mesh(setup.mesh):
-    batch = loop.to_global(synthetic_batch(b, l, exp.model.vocab_size), setup.batch_sharding)
-    train = setup.train_step.lower(setup.state, batch).compile()
-  box = {"state": setup.state}
-
-  def step():
-    with jax.set_mesh(setup.mesh):
-      box["state"], m = train(box["state"], batch)
-      jax.block_until_ready(m)
-
-  return step, aot.summary(train)["flops"]
-
-
 def bench_time(rounds: int) -> dict[str, Any]:
   steps, flops = {}, {}
   for name, variant in ARMS.items():
-    steps[name], flops[name] = _compiled(dataclasses.replace(_one_device(load(variant)), init_from=""))
+    compiled = CompiledStep(dataclasses.replace(one_device(load(variant)), init_from=""))
+    steps[name], flops[name] = compiled.step, compiled.flops
   t = interleaved_times(steps, warmup=2, rounds=rounds)
   return {
       "seconds": t,

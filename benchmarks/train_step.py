@@ -38,6 +38,29 @@ def synthetic_batch(b: int, l: int, vocab: int, seed: int = 0) -> dict[str, np.n
   return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg, "positions": pos, "loss_mask": seg}
 
 
+def one_device(exp):
+  """`exp` on one device with its layers unrolled (cost analysis counts a scanned body once)."""
+  return dataclasses.replace(exp, mesh=MeshConfig(fsdp=1, devices=1), model=dataclasses.replace(exp.model, scan_layers=False))
+
+
+class CompiledStep:
+  """`exp`'s train step compiled for a synthetic batch on the first device: `step()` runs one
+  (blocking, on the state the previous call left: the step donates it), `flops` its compiled FLOPs."""
+
+  def __init__(self, exp):
+    self.setup = setup = loop.prepare(exp, jax.devices()[:1])
+    with jax.set_mesh(setup.mesh):
+      self.batch = loop.to_global(synthetic_batch(exp.data.batch_size, exp.data.seq_len, exp.model.vocab_size), setup.batch_sharding)
+      self.train = setup.train_step.lower(setup.state, self.batch).compile()
+    self.state = setup.state
+    self.flops = aot.summary(self.train)["flops"]
+
+  def step(self) -> None:
+    with jax.set_mesh(self.setup.mesh):
+      self.state, m = self.train(self.state, self.batch)
+      jax.block_until_ready(m)
+
+
 def seconds_per_step(exp, *, steps: int) -> float:
   """Mean seconds of `steps` compiled train steps on a synthetic batch, after one warm-up."""
   b, l = exp.data.batch_size, exp.data.seq_len
